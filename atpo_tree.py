@@ -34,6 +34,7 @@ class Node:
     done: bool = False  # the turn ended the episode
     reward: float | None = None  # outcome reward, set at leaves
     info: dict = field(default_factory=dict)  # what the environment reports about the turn (action, end reason)
+    picked: int = 0  # how often select_expansion chose this node (each pick gave it one new sibling)
 
     @property
     def entropy(self) -> float:
@@ -247,6 +248,8 @@ def grow_trees(
         starts = []
         for t, tree in enumerate(trees):
             picks = select_expansion(tree.parents, tree.entropies, tree.is_leaf, k, alpha=alpha, mode=mode, rng=rng)
+            for n in picks:
+                tree.nodes[n].picked += 1
             starts += [(t, max(tree.nodes[n].parent, 0)) for n in picks]
         run_branches(trees, starts, generate, step)
     return trees

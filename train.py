@@ -199,6 +199,14 @@ def wants_sft(args: Args) -> bool:
     return args.sft == "on" or (args.sft == "auto" and args.model == "default")
 
 
+def warm_start_dir(args: Args) -> Path:
+    """Where the warm-started policy of these settings is cached (it exists once `report.json` is there)."""
+    base_path = default_model_path() if args.model == "default" else args.model
+    key = json.dumps([base_path, hashlib.sha256(Path(args.sft_demos).read_bytes()).hexdigest(), args.sft_steps,
+                      args.sft_batch, args.sft_lr, args.sft_two_hop_frac, args.seed, args.dtype, args.micro_batch])
+    return cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def start_engine(path: str, args: Args):
     """vLLM in this process: prefix caching on (tree branches share prefixes), eager mode, sampled log-probs."""
     from vllm import LLM
@@ -352,8 +360,10 @@ def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temp
     for task, tree in zip(tasks, trees):
         turns = [tree.nodes[n] for n in tree.path(tree.leaves()[0])]
         searches = sum(n.info["action"] == "search" for n in turns)
+        em = tree.nodes[tree.leaves()[0]].info["em"]
         record = {
-            f"em/{task.source or 'all'}": tree.nodes[tree.leaves()[0]].info["em"],
+            "em": em,
+            f"em/{task.source or 'all'}": em,
             "well_formed": sum(n.info["action"] != "invalid" for n in turns) / len(turns),
             "searches": searches,
             "turns": len(turns),
@@ -424,15 +434,21 @@ def save_checkpoint(args: Args, step: int, model, tokenizer, optimizer) -> None:
 
 
 def tree_record(tree: Tree, values: torch.Tensor, advantages: torch.Tensor, tokenizer) -> dict:
-    """A rollout tree as JSON: per node its parent, action, entropy, value, advantage and (at leaves) reward."""
+    """A rollout tree as JSON: per node its parent, action, entropy, expansion picks, value, advantage, leaf reward."""
     nodes = []
     for i, node in enumerate(tree.nodes):
         nodes.append({
             "parent": node.parent, "text": tokenizer.decode(node.token_ids), "entropy": node.entropy,
             "action": node.info.get("action"), "content": node.info.get("content"), "end": node.info.get("end"),
-            "reward": node.reward, "value": float(values[i]), "advantage": float(advantages[i]),
+            "picked": node.picked, "reward": node.reward, "value": float(values[i]), "advantage": float(advantages[i]),
         })
     return {"question": tree.task.question, "answers": tree.task.answers, "nodes": nodes}
+
+
+def write_trees(path: Path, records: list[dict]) -> None:
+    """One step's trees as a JSON list (tree_picture.py loads and draws them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,11 +479,7 @@ def main() -> None:
     eval_tasks = [ts[i] for i in range(args.eval_questions) for ts in by_source.values() if i < len(ts)][: args.eval_questions]
 
     # ---- policy and engine: from the checkpoint, the cached warm start, or the base model
-    sft_dir = None
-    if wants_sft(args):
-        key = json.dumps([base_path, hashlib.sha256(Path(args.sft_demos).read_bytes()).hexdigest(), args.sft_steps,
-                          args.sft_batch, args.sft_lr, args.sft_two_hop_frac, args.seed, args.dtype, args.micro_batch])
-        sft_dir = cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    sft_dir = warm_start_dir(args) if wants_sft(args) else None
     if args.resume:
         policy_path = str(output_dir / "checkpoint")
     elif sft_dir is not None and (sft_dir / "report.json").exists():
@@ -623,6 +635,7 @@ def main() -> None:
             "answered": sum(r["info"]["end"] == "answer" for r in rows) / len(rows),
             "turns": sum(r["turns"] for r in rows) / len(rows),
             "nodes_per_tree": sum(len(t.nodes) - 1 for t in trees) / len(trees),
+            "leaves": len(rows),
             "generated_tokens": sum(len(n.token_ids) for t in trees for n in t.nodes),
             "trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
             "clip_frac": sum(clip_fracs) / len(clip_fracs),
@@ -639,8 +652,7 @@ def main() -> None:
             f"| rollout {t_rollout:.1f}s (env {env_seconds[0]:.1f}s) credit {t_credit:.2f}s train {t_train:.1f}s sync {t_sync:.1f}s"
         )
         if save_trees:
-            (output_dir / "trees").mkdir(exist_ok=True)
-            (output_dir / "trees" / f"step_{step:06d}.json").write_text(json.dumps(records, indent=1))
+            write_trees(output_dir / "trees" / f"step_{step:06d}.json", records)
         if step % args.save_every == 0 or step == args.total_steps:
             save_checkpoint(args, step, model, tokenizer, optimizer)
 

@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import pytest
@@ -118,7 +119,10 @@ def test_expansion_branches_from_the_parents_of_the_picks():
     picks = select_expansion(tree.parents, tree.entropies, tree.is_leaf, 5)
     world2 = ScriptedWorld(seed=3)
     expanded = grow_trees([[5]], [None], world2.generate, world2.step, m=4, l=1, k=5)[0]
-    assert expanded.nodes[:before] == tree.nodes  # same chains (same seed), then the round
+    # the picks are recorded on the nodes (a node picked twice counts 2), the chains are the same (same seed)
+    assert [n.picked for n in expanded.nodes[:before]] == [picks.count(i) for i in range(before)]
+    assert sum(n.picked for n in expanded.nodes) == 5
+    assert [dataclasses.replace(n, picked=0) for n in expanded.nodes[:before]] == tree.nodes
     new_roots = [i for i in range(before, len(expanded.nodes)) if expanded.parents[i] < before]
     assert sorted(expanded.parents[i] for i in new_roots) == sorted(max(tree.parents[n], 0) for n in picks)
     # each re-sampled sibling was generated from exactly its parent's state

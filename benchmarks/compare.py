@@ -1,0 +1,273 @@
+"""Budget-matched comparison on the embedded default task: AT²PO vs Tree-GRPO-style trees vs GRPO chains, and the
+loss level (turn = ATPO, sequence = GSPO, token = PPO), several seeds each.
+
+    .venv/bin/python -m benchmarks.compare                  # runs what is missing (resumes stopped runs), then reports
+    .venv/bin/python -m benchmarks.compare --report-only    # re-reads the runs and rewrites the report
+
+Every run is `train.py` with the default settings except the setting's own flags: the same leaves per question
+(M + L*K), questions per step, steps, evaluation questions and warm start (the default warm start of seed 1,
+passed as `--model`, so seeds differ in the RL phase only). Runs go to `--out-dir/<setting>/seed<k>/`, one process
+each, `--parallel` at a time; every run checkpoints at each evaluation, so a stopped comparison resumes where it
+stopped. The report (`--results-dir`): `compare.md` (the table), `em_vs_step.png`, `em_vs_tokens.png`,
+`loss_level.png`; with `--readme`, the table also replaces the block between the `compare:begin`/`compare:end`
+markers in that file.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (label, train.py flags); "sampling" compares how the 6 leaves are drawn, "loss" the loss level
+SETTINGS = {
+    "entropy": ("AT²PO: entropy-guided tree, turn loss", ["--expansion", "entropy"]),
+    "random": ("Tree-GRPO-style: random tree, turn loss", ["--expansion", "random"]),
+    "chains": ("GRPO: independent chains, turn loss", ["--expansion", "chains"]),
+    "loss-sequence": ("entropy tree, sequence loss (GSPO)", ["--expansion", "entropy", "--loss-level", "sequence"]),
+    "loss-token": ("entropy tree, token loss (PPO)", ["--expansion", "entropy", "--loss-level", "token"]),
+}
+GROUPS = {"sampling": ["entropy", "random", "chains"], "loss": ["entropy", "loss-sequence", "loss-token"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading runs (pure: metric rows in, numbers out)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """train.py's metrics.jsonl; a resumed run logs its resume step's evaluation again: the later row wins."""
+    rows: dict[tuple[int, bool], dict] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            key = (int(row["step"]), "eval/em" in row)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{number}: not a metrics row ({err})") from None
+        rows[key] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def run_curve(rows: list[dict]) -> dict:
+    """One run: evaluation steps, EM there, generated tokens up to there; per-step means of the training rows."""
+    evals = [r for r in rows if "eval/em" in r]
+    steps = [r for r in rows if "loss" in r]
+    tokens = {0: 0}
+    for r in sorted(steps, key=lambda r: r["step"]):
+        tokens[r["step"]] = tokens[r["step"] - 1] + r["generated_tokens"] if r["step"] - 1 in tokens else math.nan
+    seconds = [sum(v for k, v in r.items() if k.startswith("time/") and k != "time/env") for r in steps]
+    return {
+        "eval_steps": [r["step"] for r in evals],
+        "em": [r["eval/em"] for r in evals],
+        "em_by_key": {k: [r.get(k, math.nan) for r in evals] for k in sorted({k for r in evals for k in r} - {"step"})},
+        "tokens": [tokens.get(r["step"], math.nan) for r in evals],  # generated tokens before that evaluation
+        "tokens_per_leaf": sum(r["generated_tokens"] for r in steps) / max(sum(r["leaves"] for r in steps), 1),
+        "seconds_per_step": sum(seconds) / max(len(seconds), 1),
+        "reward": sum(r["reward_mean"] for r in steps) / max(len(steps), 1),
+        "steps": len(steps),
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarize(curves: list[dict]) -> dict:
+    """Several seeds of one setting: mean and spread at every evaluation step all seeds reached."""
+    steps = sorted(set.intersection(*(set(c["eval_steps"]) for c in curves)))
+
+    def at(c: dict, values: list[float], step: int) -> float:
+        return values[c["eval_steps"].index(step)]
+
+    final = steps[-1]
+    keys = sorted(set.intersection(*(set(c["em_by_key"]) for c in curves)))
+    return {
+        "seeds": len(curves),
+        "steps": steps,
+        "em": [mean_std([at(c, c["em"], s) for c in curves]) for s in steps],
+        "tokens": [mean_std([at(c, c["tokens"], s) for c in curves])[0] for s in steps],
+        "final": {k: mean_std([at(c, c["em_by_key"][k], final) for c in curves]) for k in keys},
+        "tokens_per_leaf": mean_std([c["tokens_per_leaf"] for c in curves]),
+        "seconds_per_step": mean_std([c["seconds_per_step"] for c in curves]),
+        "reward": mean_std([c["reward"] for c in curves]),
+    }
+
+
+def results_table(summaries: dict[str, dict]) -> str:
+    """The markdown table of the report, one row per setting."""
+    lines = [
+        "| setting | seeds | EM at step 0 | final EM | single-hop | two-hop | 2nd search (two-hop) | train reward | "
+        "tokens / leaf | s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        f = s["final"]
+
+        def pm(pair: tuple[float, float], digits: int = 3) -> str:
+            return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+        lines.append(
+            f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {s['em'][0][0]:.3f} | "
+            f"{pm(f['eval/em'])} (step {s['steps'][-1]}) | {pm(f.get('eval/em/default-1hop', (math.nan, 0)))} | "
+            f"{pm(f.get('eval/em/default-2hop', (math.nan, 0)))} | {pm(f.get('eval/two_hop_second_search', (math.nan, 0)))} | "
+            f"{pm(s['reward'])} | {pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def is_done(run_dir: Path, total_steps: int) -> bool:
+    """A run is finished once its final evaluation (logged at step `total_steps`) is in metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and any(r["step"] == total_steps and "eval/em" in r for r in read_metrics(path))
+
+
+def train_command(args, warm_start: Path, name: str, seed: int) -> list[str]:
+    run_dir = Path(args.out_dir) / name / f"seed{seed}"
+    command = [sys.executable, str(ROOT / "train.py"), "--model", str(warm_start), "--sft", "off", "--seed", str(seed),
+               "--output-dir", str(run_dir), "--total-steps", str(args.total_steps), "--eval-every", str(args.eval_every),
+               "--eval-questions", str(args.eval_questions), "--save-every", str(args.eval_every),
+               "--save-trees-every", str(args.eval_every)] + SETTINGS[name][1]
+    return command + (["--resume"] if (run_dir / "checkpoint" / "state.pt").exists() else [])
+
+
+def ensure_warm_start(args) -> Path:
+    """The default warm start of seed 1 (train.py caches it); made by a one-step train.py run when missing."""
+    sys.path.insert(0, str(ROOT))
+    from train import Args, warm_start_dir
+
+    path = warm_start_dir(Args(seed=1))
+    if not (path / "report.json").exists():
+        log = Path(args.out_dir) / "warm_start.log"
+        print(f"making the warm start ({path}), log in {log}")
+        with log.open("w") as f:
+            subprocess.run([sys.executable, str(ROOT / "train.py"), "--seed", "1", "--total-steps", "1", "--eval-questions", "0",
+                            "--output-dir", str(Path(args.out_dir) / "warm_start")], stdout=f, stderr=subprocess.STDOUT, check=True)
+    return path
+
+
+def run_all(args, names: list[str]) -> list[str]:
+    """Every (setting, seed) not finished yet, `--parallel` processes at a time, seeds interleaved; returns failures."""
+    warm_start = ensure_warm_start(args)
+    pending = [(n, s) for s in args.seeds for n in names if not is_done(Path(args.out_dir) / n / f"seed{s}", args.total_steps)]
+    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name, seed = pending.pop(0)
+            run_dir = Path(args.out_dir) / name / f"seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            command = train_command(args, warm_start, name, seed)
+            print(f"start {name} seed {seed}{' (resume)' if '--resume' in command else ''}", flush=True)
+            log = (run_dir / "train.log").open("a")
+            running.append((name, seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time()))
+        time.sleep(5)
+        for item in list(running):
+            name, seed, process, start = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            minutes = (time.time() - start) / 60
+            if process.returncode == 0:
+                print(f"done  {name} seed {seed} ({minutes:.1f} min)", flush=True)
+            else:
+                failed.append(f"{name} seed {seed}: exit {process.returncode}, see {Path(args.out_dir) / name / f'seed{seed}' / 'train.log'}")
+                print(f"FAILED {failed[-1]}", flush=True)
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path: Path, title: str) -> None:
+    """Held-out EM against `x` ("step" or "tokens"): every seed thin, the mean thick, ± one std shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for color, (name, s) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], summaries.items()):
+        xs = s["steps"] if x == "step" else s["tokens"]
+        mean = [m for m, _ in s["em"]]
+        std = [d for _, d in s["em"]]
+        for c in curves[name]:
+            ax.plot(c["eval_steps"] if x == "step" else c["tokens"], c["em"], color=color, alpha=0.3, linewidth=0.8)
+        ax.plot(xs, mean, color=color, linewidth=2, marker="o", label=f"{SETTINGS[name][0]} ({s['seeds']} seeds)")
+        ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color, alpha=0.12)
+    ax.set_xlabel("RL step" if x == "step" else "generated tokens (all trees, cumulative)")
+    ax.set_ylabel("held-out EM (greedy)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args, names: list[str]) -> str:
+    curves = {}
+    for name in names:
+        paths = [Path(args.out_dir) / name / f"seed{s}" / "metrics.jsonl" for s in args.seeds]
+        runs = [run_curve(read_metrics(p)) for p in paths if p.exists()]
+        curves[name] = [c for c in runs if c["eval_steps"]]
+    summaries = {n: summarize(c) for n, c in curves.items() if c}
+    if not summaries:
+        raise SystemExit(f"no finished evaluations under {args.out_dir}")
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    budget = (f"{args.total_steps} RL steps, default settings (2 questions x 6 leaves per step), greedy EM on "
+              f"{args.eval_questions} held-out questions every {args.eval_every} steps; mean ± sample std over seeds")
+    for group, file, title in [("sampling", "em_vs_step.png", "how the leaves are sampled"), ("sampling", "em_vs_tokens.png", "how the leaves are sampled"),
+                               ("loss", "loss_level.png", "loss level (all on entropy trees)")]:
+        chosen = {n: summaries[n] for n in GROUPS[group] if n in summaries}
+        if chosen:
+            plot(chosen, curves, "tokens" if "tokens" in file else "step", results / file, title)
+    table = results_table(summaries)
+    (results / "compare.md").write_text(f"{budget}.\n\n{table}\n")
+    if args.readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            readme.write_text(f"{head}{begin}\n{budget}.\n\n{table}\n{end}{rest.split(end, 1)[1]}")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="runs/compare")
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--readme", default="README.md", help="file whose compare:begin/end block gets the table ('' = none)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--total-steps", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-questions", type=int, default=60)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one CPU thread)")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    failed = [] if args.report_only else run_all(args, args.settings)
+    print(report(args, args.settings))
+    if not args.report_only:
+        print(f"wall time {(time.time() - started) / 60:.1f} min")
+    if failed:
+        raise SystemExit("failed runs:\n" + "\n".join(failed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""benchmarks/compare.py's aggregation on small synthetic metrics files with answers worked out by hand."""
+
+import json
+import math
+from argparse import Namespace
+
+import pytest
+
+from benchmarks.compare import is_done, read_metrics, report, results_table, run_curve, summarize
+
+
+def step_row(step: int, tokens: int, reward: float, seconds: tuple[float, float]) -> dict:
+    return {"step": step, "loss": 0.0, "reward_mean": reward, "generated_tokens": tokens, "leaves": 12,
+            "time/rollout": seconds[0], "time/env": 99.0, "time/train": seconds[1], "time/sync": 1.0}
+
+
+def eval_row(step: int, em: float, one_hop: float, two_hop: float) -> dict:
+    return {"step": step, "eval/em": em, "eval/em/default-1hop": one_hop, "eval/em/default-2hop": two_hop}
+
+
+def write(path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def seed_rows(ems: list[float], tokens: list[int]) -> list[dict]:
+    """Evaluations at steps 0, 2, 4 with `ems`; four steps generating `tokens`."""
+    rows = [eval_row(0, ems[0], ems[0], ems[0])]
+    for step, t in enumerate(tokens, 1):
+        rows.append(step_row(step, t, reward=step / 10, seconds=(10.0, 50.0)))
+        if step % 2 == 0:
+            rows.append(eval_row(step, ems[step // 2], ems[step // 2] + 0.1, ems[step // 2] - 0.1))
+    return rows
+
+
+def test_read_metrics_keeps_the_later_row_of_a_resumed_run(tmp_path):
+    rows = seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])
+    rows.insert(3, eval_row(2, 0.9, 0.9, 0.9))  # the first attempt's evaluation at step 2; the run resumed from 2
+    write(tmp_path / "m.jsonl", rows)
+    metrics = read_metrics(tmp_path / "m.jsonl")
+    assert [(r["step"], "eval/em" in r) for r in metrics] == [(0, True), (1, False), (2, False), (2, True), (3, False),
+                                                              (4, False), (4, True)]
+    assert [r["eval/em"] for r in metrics if "eval/em" in r] == [0.1, 0.3, 0.5]
+
+
+def test_read_metrics_names_the_bad_line(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps(eval_row(0, 0.1, 0.1, 0.1)) + "\n{broken\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not a metrics row"):
+        read_metrics(tmp_path / "m.jsonl")
+
+
+def test_run_curve_by_hand():
+    curve = run_curve(seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400]))
+    assert curve["eval_steps"] == [0, 2, 4]
+    assert curve["em"] == [0.1, 0.3, 0.5]
+    assert curve["tokens"] == [0, 300, 1000]  # generated before each evaluation
+    assert curve["tokens_per_leaf"] == pytest.approx(1000 / 48)
+    assert curve["seconds_per_step"] == pytest.approx(61.0)  # rollout + train + sync; env is part of rollout
+    assert curve["reward"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4) / 4)
+    assert curve["em_by_key"]["eval/em/default-1hop"] == pytest.approx([0.1, 0.4, 0.6])
+
+
+def test_summarize_two_seeds_by_hand():
+    a = run_curve(seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400]))
+    b = run_curve(seed_rows([0.1, 0.5, 0.7], [200, 200, 200, 200]))
+    s = summarize([a, b])
+    assert s["seeds"] == 2 and s["steps"] == [0, 2, 4]
+    assert s["em"][0] == pytest.approx((0.1, 0.0))
+    assert s["em"][2] == pytest.approx((0.6, math.sqrt(0.02)))  # sample std of 0.5 and 0.7
+    assert s["tokens"] == pytest.approx([0, 350, 900])
+    assert s["final"]["eval/em/default-2hop"] == pytest.approx((0.5, math.sqrt(0.02)))
+    assert s["tokens_per_leaf"][0] == pytest.approx((1000 / 48 + 800 / 48) / 2)
+    table = results_table({"entropy": s})
+    assert "| AT²PO: entropy-guided tree, turn loss | 2 | 0.100 | 0.600 ± 0.141 (step 4) | 0.700 ± 0.141 |" in table
+
+
+def test_summarize_uses_only_steps_every_seed_reached():
+    done = run_curve(seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400]))
+    stopped = run_curve(seed_rows([0.1, 0.5, 0.7], [100, 100, 100, 100])[:4])  # evaluations at 0 and 2 only
+    s = summarize([done, stopped])
+    assert s["steps"] == [0, 2]
+    assert s["em"][-1] == pytest.approx((0.4, math.sqrt(0.02)))
+
+
+def test_is_done_needs_the_final_evaluation(tmp_path):
+    rows = seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])
+    write(tmp_path / "run" / "metrics.jsonl", rows[:-1])
+    assert not is_done(tmp_path / "run", 4)
+    write(tmp_path / "run" / "metrics.jsonl", rows)
+    assert is_done(tmp_path / "run", 4)
+    assert not is_done(tmp_path / "missing", 4)
+
+
+def test_report_writes_table_plots_and_the_readme_block(tmp_path):
+    for name, ems in [("entropy", [0.1, 0.3, 0.5]), ("chains", [0.1, 0.2, 0.2]), ("loss-token", [0.1, 0.1, 0.3])]:
+        for seed in (1, 2):
+            write(tmp_path / "runs" / name / f"seed{seed}" / "metrics.jsonl", seed_rows(ems, [100, 200, 300, 400]))
+    (tmp_path / "README.md").write_text("intro\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\nrest\n")
+    args = Namespace(out_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md"),
+                     seeds=[1, 2], total_steps=4, eval_every=2, eval_questions=60)
+    table = report(args, ["entropy", "random", "chains", "loss-token"])  # "random" has no runs: left out
+    assert table.count("\n") == 4 and "Tree-GRPO" not in table
+    assert (tmp_path / "results" / "compare.md").read_text().endswith(table + "\n")
+    for image in ("em_vs_step.png", "em_vs_tokens.png", "loss_level.png"):
+        assert (tmp_path / "results" / image).read_bytes()[:4] == b"\x89PNG"
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("intro\n<!-- compare:begin -->\n") and readme.endswith("<!-- compare:end -->\nrest\n")
+    assert table in readme and "old table" not in readme

@@ -280,6 +280,33 @@ class PackedTrees:
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         return self.ancestors[self.node_ids][:, self.node_ids] & causal
 
+    def attention_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """The tree mask cut into one block per node, for `tree_attention`: (first, end, keys, mask) where the node's
+        tokens are first..end-1, `keys` [K] the positions its last token may attend (its ancestors' tokens and its
+        own) and `mask` [end - first, K] the mask of those rows and columns. Outside the blocks the mask is False."""
+        mask = self.attention_mask()
+        bounds = [0] + (torch.nonzero(self.node_ids[1:] != self.node_ids[:-1])[:, 0] + 1).tolist() + [len(self.node_ids)]
+        blocks = []
+        for first, end in zip(bounds[:-1], bounds[1:]):
+            keys = torch.nonzero(mask[end - 1])[:, 0]
+            blocks.append((first, end, keys, mask[first:end][:, keys]))
+        return blocks
+
+
+def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   blocks: list[tuple[int, int, torch.Tensor, torch.Tensor]], scale: float | None = None) -> torch.Tensor:
+    """Attention under the tree mask, computed block by block: each node's queries against only the keys it may see,
+    so the masked-out part of the N x N scores (siblings, cousins, later tokens) costs nothing.
+    query [B, Hq, N, D], key and value [B, Hkv, N, D] (Hq a multiple of Hkv), blocks from `attention_blocks`.
+    Returns [B, Hq, N, D]."""
+    outputs = []
+    for first, end, keys, mask in blocks:
+        keys = keys.to(key.device)
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, first:end], key.index_select(2, keys), value.index_select(2, keys), attn_mask=mask.to(query.device),
+            scale=scale, enable_gqa=query.shape[1] != key.shape[1]))
+    return torch.cat(outputs, dim=2)
+
 
 def pack_trees(trees: list[Tree]) -> PackedTrees:
     """Lay finished trees out for a tree-masked forward pass (each shared prefix computed once)."""

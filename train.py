@@ -30,7 +30,7 @@ import tyro
 
 from atpo_credit import ADV_MODES, VALUE_MODES, backup, token_advantages
 from atpo_loss import policy_loss
-from atpo_tree import PackedTrees, Tree, grow_trees, pack_trees
+from atpo_tree import PackedTrees, Tree, grow_trees, pack_trees, tree_attention
 from default_model import cache_dir, default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
 
@@ -310,18 +310,34 @@ def training_rows(trees: list[Tree], args: Args) -> tuple[list[dict], list[tuple
     return rows, credit
 
 
+TREE_ATTENTION = "atpo_tree"
+
+
+def load_policy(path: str, device: torch.device):
+    """The trained policy (HF, fp32) with attention "atpo_tree": block-by-block tree attention in a tree-packed
+    forward (`tree_blocks` given), exactly sdpa (same masks, same kernel) in every other forward."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_blocks=None, **kwargs):
+        if tree_blocks is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return tree_attention(query, key, value, tree_blocks, scaling).transpose(1, 2).contiguous(), None  # [B, N, H, D]
+
+    AttentionInterface.register(TREE_ATTENTION, attention)
+    AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=TREE_ATTENTION).to(device)
+
+
 def packed_token_log_probs(model, packed: PackedTrees, temperature: float, device: torch.device) -> torch.Tensor:
-    """Tree packing: one forward over every unique token of the trees, with the tree attention mask and path
-    positions; log pi of each model token at the sampling temperature, 0 elsewhere. Returns float32 [N]."""
-    attention = model.config._attn_implementation
-    mask = packed.attention_mask()[None, None].to(device)  # [1, 1, N, N], True = attend
-    if attention == "eager":  # eager attention adds the mask to its scores: it needs the additive form
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    elif attention != "sdpa":
-        raise ValueError(f"tree packing needs attn_implementation 'sdpa' or 'eager', the model uses {attention!r}; "
-                         "load it with one of those or train with --packing path")
-    hidden = model.get_decoder()(input_ids=packed.input_ids[None].to(device), attention_mask=mask,
-                                 position_ids=packed.position_ids[None].to(device)).last_hidden_state[0]  # [N, H]
+    """Tree packing: one forward over every unique token of the trees, with tree attention and path positions;
+    log pi of each model token at the sampling temperature, 0 elsewhere. Returns float32 [N]."""
+    if model.config._attn_implementation != TREE_ATTENTION:
+        raise ValueError(f"tree packing needs the policy loaded by train.load_policy (attention {TREE_ATTENTION!r}), this "
+                         f"model uses {model.config._attn_implementation!r}; or train with --packing path")
+    hidden = model.get_decoder()(input_ids=packed.input_ids[None].to(device), position_ids=packed.position_ids[None].to(device),
+                                 tree_blocks=packed.attention_blocks()).last_hidden_state[0]  # [N, H]
     picked = packed.loss_mask.bool().to(device)
     picked_log_probs = next_token_log_probs(model, hidden[packed.predictor.to(device)[picked]], packed.input_ids.to(device)[picked], temperature)
     return torch.zeros(picked.shape, device=device).masked_scatter(picked, picked_log_probs)
@@ -486,7 +502,7 @@ def main() -> None:
         policy_path = str(sft_dir)
     else:
         policy_path = base_path
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    model = load_policy(policy_path, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -29,12 +29,10 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
     """In a child process: seconds of forward+backward over all trajectories, and peak RSS growth in MiB."""
     import psutil
     import torch
-    from transformers import AutoModelForCausalLM
-
     import train
     from atpo_loss import policy_loss
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").train()
+    model = train.load_policy(model_path, torch.device("cpu")).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     args = train.Args(packing=method)
     rows, _ = train.training_rows(trees, args)
@@ -79,12 +77,12 @@ def real_trees(count: int):
     """Rollout trees of the default task from vLLM, with train.py's default tree shape."""
     import train
     from atpo_tree import grow_trees
-    from default_model import cache_dir, default_model_path
+    from default_model import default_model_path
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
 
-    warm = sorted((cache_dir() / "warm_start").glob("*/report.json"), key=lambda p: p.stat().st_mtime)
-    path = str(warm[-1].parent) if warm else default_model_path()
     args = train.Args()
+    warm = train.warm_start_dir(args)
+    path = str(warm) if (warm / "report.json").exists() else default_model_path()
     llm = train.start_engine(path, args)
     from transformers import AutoTokenizer
 

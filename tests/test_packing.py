@@ -6,17 +6,15 @@ import pytest
 import torch
 
 from atpo_loss import policy_loss
-from atpo_tree import PackedTrees, StepResult, Tree, grow_trees, pack_trees
+from atpo_tree import PackedTrees, StepResult, Tree, grow_trees, pack_trees, tree_attention
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import AutoModelForCausalLM
-
+    import train
     from default_model import default_model_path
 
-    m = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32, attn_implementation="sdpa")
-    return m.train()
+    return train.load_policy(default_model_path(), torch.device("cpu")).train()
 
 
 def make_tree(tokenizer, prompt: str, nodes: list[tuple[int, str, str]], seed: int = 0) -> Tree:
@@ -133,31 +131,42 @@ def test_positions_without_the_mask_are_wrong(model, tokenizer):
     assert (good[picked] - bad).abs().max().item() > 0.1
 
 
-def test_eager_attention_gets_the_additive_mask(tokenizer):
-    """eager adds the mask to the scores: a boolean mask would be silently wrong, so it gets the float form."""
+def test_tree_attention_equals_dense_masked_attention(tokenizer):
+    """Block by block = one dense attention under the [N, N] tree mask; grouped-query heads, batch of 2, gradients."""
+    trees = [make_tree(tokenizer, PROMPT, SHAPES["mixed"]), make_tree(tokenizer, "Another prompt", SHAPES["deep_chain"], seed=1)]
+    packed = pack_trees(trees)
+    n = len(packed.input_ids)
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 6, n, 8, generator=g, dtype=torch.float64)
+    blocks = tree_attention(query, key, value, packed.attention_blocks(), scale=0.3)
+    grads_blocks = torch.autograd.grad((blocks * weights).sum(), (query, key, value))
+    dense = torch.nn.functional.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
+                                                             attn_mask=packed.attention_mask(), scale=0.3)
+    grads_dense = torch.autograd.grad((dense * weights).sum(), (query, key, value))
+    assert (blocks - dense).abs().max().item() < 1e-12
+    for a, b in zip(grads_blocks, grads_dense):
+        assert (a - b).abs().max().item() < 1e-12
+    # the blocks cover the mask exactly: every allowed (query, key) pair once, nothing else
+    covered = torch.zeros(n, n, dtype=torch.bool)
+    for first, end, keys, mask in packed.attention_blocks():
+        covered[first:end][:, keys] |= mask
+    assert torch.equal(covered, packed.attention_mask())
+    assert sum((end - first) * len(keys) for first, end, keys, _ in packed.attention_blocks()) < n * n / 2
+
+
+def test_unsupported_attention_is_a_clear_error(tokenizer):
     import train
     from transformers import AutoModelForCausalLM
 
     from default_model import default_model_path
 
-    eager = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32, attn_implementation="eager")
-    tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"])
-    lp_path, _ = loss_and_grads(eager, [tree], "path")
-    lp_tree, _ = loss_and_grads(eager, [tree], "tree")
-    assert (lp_path - lp_tree).abs().max().item() <= 1e-4
-
-
-def test_unsupported_attention_is_a_clear_error(model, tokenizer):
-    import train
-
+    sdpa = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32, attn_implementation="sdpa")
     packed = pack_trees([make_tree(tokenizer, PROMPT, SHAPES["one_leaf"])])
-    saved = model.config._attn_implementation
-    model.config._attn_implementation = "flash_attention_2"
-    try:
-        with pytest.raises(ValueError, match="tree packing needs attn_implementation 'sdpa' or 'eager'"):
-            train.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
-    finally:
-        model.config._attn_implementation = saved
+    with pytest.raises(ValueError, match="tree packing needs the policy loaded by train.load_policy"):
+        train.packed_token_log_probs(sdpa, packed, 1.0, torch.device("cpu"))
 
 
 def test_two_trees_in_one_row_equal_separately(model, tokenizer):

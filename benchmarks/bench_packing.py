@@ -99,13 +99,15 @@ def real_trees(count: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real-trees", type=int, default=2, help="real trees (train.py packs one tree per forward)")
+    parser.add_argument("--real-trees", type=int, default=2, help="real trees (train.py packs one tree per forward); 0: none, no vLLM")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from atpo_tree import pack_trees
+    from default_model import default_model_path
 
-    trees, model_path = real_trees(args.real_trees)
-    workloads = {"default task, one real tree": [trees[0]], "synthetic 22-leaf tree": synthetic_tree(0)}
+    trees, model_path = real_trees(args.real_trees) if args.real_trees else ([], default_model_path())
+    workloads = {"default task, one real tree": [trees[0]]} if trees else {}
+    workloads["synthetic 22-leaf tree"] = synthetic_tree(0)
     if len(trees) > 1:
         workloads["default task, second real tree"] = [trees[1]]
     context = multiprocessing.get_context("spawn")

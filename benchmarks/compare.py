@@ -217,14 +217,13 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
 
 
 def report(args, names: list[str]) -> str:
-    curves = {}
+    curves = {}  # finished runs only: a stopped run would cut its setting's curve short
     for name in names:
-        paths = [Path(args.out_dir) / name / f"seed{s}" / "metrics.jsonl" for s in args.seeds]
-        runs = [run_curve(read_metrics(p)) for p in paths if p.exists()]
-        curves[name] = [c for c in runs if c["eval_steps"]]
+        run_dirs = [Path(args.out_dir) / name / f"seed{s}" for s in args.seeds]
+        curves[name] = [run_curve(read_metrics(d / "metrics.jsonl")) for d in run_dirs if is_done(d, args.total_steps)]
     summaries = {n: summarize(c) for n, c in curves.items() if c}
     if not summaries:
-        raise SystemExit(f"no finished evaluations under {args.out_dir}")
+        raise SystemExit(f"no finished runs under {args.out_dir}")
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     budget = (f"{args.total_steps} RL steps, default settings (2 questions x 6 leaves per step), greedy EM on "

@@ -95,10 +95,11 @@ def test_report_writes_table_plots_and_the_readme_block(tmp_path):
     for name, ems in [("entropy", [0.1, 0.3, 0.5]), ("chains", [0.1, 0.2, 0.2]), ("loss-token", [0.1, 0.1, 0.3])]:
         for seed in (1, 2):
             write(tmp_path / "runs" / name / f"seed{seed}" / "metrics.jsonl", seed_rows(ems, [100, 200, 300, 400]))
+    write(tmp_path / "runs" / "random" / "seed1" / "metrics.jsonl", seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])[:5])
     (tmp_path / "README.md").write_text("intro\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\nrest\n")
     args = Namespace(out_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md"),
                      seeds=[1, 2], total_steps=4, eval_every=2, eval_questions=60)
-    table = report(args, ["entropy", "random", "chains", "loss-token"])  # "random" has no runs: left out
+    table = report(args, ["entropy", "random", "chains", "loss-token"])  # "random" has no finished run: left out
     assert table.count("\n") == 4 and "Tree-GRPO" not in table
     assert (tmp_path / "results" / "compare.md").read_text().endswith(table + "\n")
     for image in ("em_vs_step.png", "em_vs_tokens.png", "loss_level.png"):

@@ -61,8 +61,7 @@ def run_curve(rows: list[dict]) -> dict:
     seconds = [sum(v for k, v in r.items() if k.startswith("time/") and k != "time/env") for r in steps]
     return {
         "eval_steps": [r["step"] for r in evals],
-        "em": [r["eval/em"] for r in evals],
-        "em_by_key": {k: [r.get(k, math.nan) for r in evals] for k in sorted({k for r in evals for k in r} - {"step"})},
+        "evals": {k: [r.get(k, math.nan) for r in evals] for k in sorted({k for r in evals for k in r} - {"step"})},
         "tokens": [tokens.get(r["step"], math.nan) for r in evals],  # generated tokens before that evaluation
         "tokens_per_leaf": sum(r["generated_tokens"] for r in steps) / max(sum(r["leaves"] for r in steps), 1),
         "seconds_per_step": sum(seconds) / max(len(seconds), 1),
@@ -86,14 +85,12 @@ def summarize(curves: list[dict]) -> dict:
     def at(c: dict, values: list[float], step: int) -> float:
         return values[c["eval_steps"].index(step)]
 
-    final = steps[-1]
-    keys = sorted(set.intersection(*(set(c["em_by_key"]) for c in curves)))
+    keys = sorted(set.intersection(*(set(c["evals"]) for c in curves)))
     return {
         "seeds": len(curves),
         "steps": steps,
-        "em": [mean_std([at(c, c["em"], s) for c in curves]) for s in steps],
+        "evals": {k: [mean_std([at(c, c["evals"][k], s) for c in curves]) for s in steps] for k in keys},  # (mean, std)
         "tokens": [mean_std([at(c, c["tokens"], s) for c in curves])[0] for s in steps],
-        "final": {k: mean_std([at(c, c["em_by_key"][k], final) for c in curves]) for k in keys},
         "tokens_per_leaf": mean_std([c["tokens_per_leaf"] for c in curves]),
         "seconds_per_step": mean_std([c["seconds_per_step"] for c in curves]),
         "reward": mean_std([c["reward"] for c in curves]),
@@ -108,13 +105,13 @@ def results_table(summaries: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summaries.items():
-        f = s["final"]
+        f = {k: v[-1] for k, v in s["evals"].items()}
 
         def pm(pair: tuple[float, float], digits: int = 3) -> str:
             return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
         lines.append(
-            f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {s['em'][0][0]:.3f} | "
+            f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {s['evals']['eval/em'][0][0]:.3f} | "
             f"{pm(f['eval/em'])} (step {s['steps'][-1]}) | {pm(f.get('eval/em/default-1hop', (math.nan, 0)))} | "
             f"{pm(f.get('eval/em/default-2hop', (math.nan, 0)))} | {pm(f.get('eval/two_hop_second_search', (math.nan, 0)))} | "
             f"{pm(s['reward'])} | {pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
@@ -191,28 +188,31 @@ def run_all(args, names: list[str]) -> list[str]:
 
 
 def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path: Path, title: str) -> None:
-    """Held-out EM against `x` ("step" or "tokens"): every seed thin, the mean thick, ± one std shaded."""
+    """Held-out EM (all, then per data source) against `x` ("step" or "tokens"): every seed thin, the mean thick,
+    plus or minus one std shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for color, (name, s) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], summaries.items()):
-        xs = s["steps"] if x == "step" else s["tokens"]
-        mean = [m for m, _ in s["em"]]
-        std = [d for _, d in s["em"]]
-        for c in curves[name]:
-            ax.plot(c["eval_steps"] if x == "step" else c["tokens"], c["em"], color=color, alpha=0.3, linewidth=0.8)
-        ax.plot(xs, mean, color=color, linewidth=2, marker="o", label=f"{SETTINGS[name][0]} ({s['seeds']} seeds)")
-        ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color, alpha=0.12)
-    ax.set_xlabel("RL step" if x == "step" else "generated tokens (all trees, cumulative)")
-    ax.set_ylabel("held-out EM (greedy)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    panels = sorted(set.intersection(*(set(s["evals"]) for s in summaries.values())) & ({"eval/em"} | {
+        k for s in summaries.values() for k in s["evals"] if k.startswith("eval/em/")}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for color, (name, s) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], summaries.items()):
+            xs = s["steps"] if x == "step" else s["tokens"]
+            mean, std = [m for m, _ in s["evals"][key]], [d for _, d in s["evals"][key]]
+            for c in curves[name]:
+                ax.plot(c["eval_steps"] if x == "step" else c["tokens"], c["evals"][key], color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(xs, mean, color=color, linewidth=2, marker="o", label=f"{SETTINGS[name][0]} ({s['seeds']} seeds)")
+            ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color, alpha=0.12)
+        ax.set_title(("all questions" if key == "eval/em" else key.removeprefix("eval/em/")) + f" — {title}", fontsize=9)
+        ax.set_xlabel("RL step" if x == "step" else "generated tokens (all trees, cumulative)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out EM (greedy)")
+    axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

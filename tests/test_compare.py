@@ -52,12 +52,12 @@ def test_read_metrics_names_the_bad_line(tmp_path):
 def test_run_curve_by_hand():
     curve = run_curve(seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400]))
     assert curve["eval_steps"] == [0, 2, 4]
-    assert curve["em"] == [0.1, 0.3, 0.5]
+    assert curve["evals"]["eval/em"] == [0.1, 0.3, 0.5]
     assert curve["tokens"] == [0, 300, 1000]  # generated before each evaluation
     assert curve["tokens_per_leaf"] == pytest.approx(1000 / 48)
     assert curve["seconds_per_step"] == pytest.approx(61.0)  # rollout + train + sync; env is part of rollout
     assert curve["reward"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4) / 4)
-    assert curve["em_by_key"]["eval/em/default-1hop"] == pytest.approx([0.1, 0.4, 0.6])
+    assert curve["evals"]["eval/em/default-1hop"] == pytest.approx([0.1, 0.4, 0.6])
 
 
 def test_summarize_two_seeds_by_hand():
@@ -65,10 +65,10 @@ def test_summarize_two_seeds_by_hand():
     b = run_curve(seed_rows([0.1, 0.5, 0.7], [200, 200, 200, 200]))
     s = summarize([a, b])
     assert s["seeds"] == 2 and s["steps"] == [0, 2, 4]
-    assert s["em"][0] == pytest.approx((0.1, 0.0))
-    assert s["em"][2] == pytest.approx((0.6, math.sqrt(0.02)))  # sample std of 0.5 and 0.7
+    assert s["evals"]["eval/em"][0] == pytest.approx((0.1, 0.0))
+    assert s["evals"]["eval/em"][2] == pytest.approx((0.6, math.sqrt(0.02)))  # sample std of 0.5 and 0.7
     assert s["tokens"] == pytest.approx([0, 350, 900])
-    assert s["final"]["eval/em/default-2hop"] == pytest.approx((0.5, math.sqrt(0.02)))
+    assert s["evals"]["eval/em/default-2hop"][-1] == pytest.approx((0.5, math.sqrt(0.02)))
     assert s["tokens_per_leaf"][0] == pytest.approx((1000 / 48 + 800 / 48) / 2)
     table = results_table({"entropy": s})
     assert "| AT²PO: entropy-guided tree, turn loss | 2 | 0.100 | 0.600 ± 0.141 (step 4) | 0.700 ± 0.141 |" in table
@@ -79,7 +79,7 @@ def test_summarize_uses_only_steps_every_seed_reached():
     stopped = run_curve(seed_rows([0.1, 0.5, 0.7], [100, 100, 100, 100])[:4])  # evaluations at 0 and 2 only
     s = summarize([done, stopped])
     assert s["steps"] == [0, 2]
-    assert s["em"][-1] == pytest.approx((0.4, math.sqrt(0.02)))
+    assert s["evals"]["eval/em"][-1] == pytest.approx((0.4, math.sqrt(0.02)))
 
 
 def test_is_done_needs_the_final_evaluation(tmp_path):

@@ -351,6 +351,6 @@ class SearchEnv:
         return results
 
     def _end(self, info: dict, reason: str, em: float | None = None, f1: float = 0.0) -> StepResult:
-        reward = em if em is not None else -self.format_penalty
+        reward = em if em is not None else 0.0 - self.format_penalty  # not -penalty: that is -0.0 with no penalty
         info.update(end=reason, em=em or 0.0, f1=f1)
         return StepResult([], True, reward, info)

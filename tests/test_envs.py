@@ -378,6 +378,7 @@ def test_mixed_batch_steps_in_one_retrieval_call(tokenizer, default_retriever):
         (True, "max_turns", 0.0),
         (True, "max_length", 0.0),
     ]
+    assert all(str(r.reward) == "0.0" for r in results[5:])  # not -0.0 (it would show in logs and tree JSON)
     search = results[0]
     assert tokenizer.decode(search.obs_ids) == search.info["observation"]
     assert search.info["observation"].startswith("\n\n<information>Doc 1 (Title: Mobin Pigubor) Mobin Pigubor (born")

@@ -52,7 +52,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run_curve(rows: list[dict]) -> dict:
-    """One run: evaluation steps, EM there, generated tokens up to there; per-step means of the training rows."""
+    """One run: evaluation steps, every evaluation metric there, generated tokens up to there; means over its steps."""
     evals = [r for r in rows if "eval/em" in r]
     steps = [r for r in rows if "loss" in r]
     tokens = {0: 0}
@@ -66,7 +66,6 @@ def run_curve(rows: list[dict]) -> dict:
         "tokens_per_leaf": sum(r["generated_tokens"] for r in steps) / max(sum(r["leaves"] for r in steps), 1),
         "seconds_per_step": sum(seconds) / max(len(seconds), 1),
         "reward": sum(r["reward_mean"] for r in steps) / max(len(steps), 1),
-        "steps": len(steps),
     }
 
 

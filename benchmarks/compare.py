@@ -23,15 +23,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (label, train.py flags); "sampling" compares how the 6 leaves are drawn, "loss" the loss level
+# name -> (label, train.py flags); "sampling" compares how the 6 leaves are drawn, "loss" the loss level. The loss
+# levels differ only where the ratio leaves 1, i.e. off-policy: with one optimizer step per batch (train.py's
+# default) all three give the same gradient, so the loss runs take two (--num-minibatches 2, one tree each).
 SETTINGS = {
     "entropy": ("AT²PO: entropy-guided tree, turn loss", ["--expansion", "entropy"]),
     "random": ("Tree-GRPO-style: random tree, turn loss", ["--expansion", "random"]),
     "chains": ("GRPO: independent chains, turn loss", ["--expansion", "chains"]),
-    "loss-sequence": ("entropy tree, sequence loss (GSPO)", ["--expansion", "entropy", "--loss-level", "sequence"]),
-    "loss-token": ("entropy tree, token loss (PPO)", ["--expansion", "entropy", "--loss-level", "token"]),
+    "loss-turn": ("2 updates/batch, turn loss (ATPO)", ["--expansion", "entropy", "--loss-level", "turn", "--num-minibatches", "2"]),
+    "loss-sequence": ("2 updates/batch, sequence loss (GSPO)", ["--expansion", "entropy", "--loss-level", "sequence", "--num-minibatches", "2"]),
+    "loss-token": ("2 updates/batch, token loss (PPO)", ["--expansion", "entropy", "--loss-level", "token", "--num-minibatches", "2"]),
 }
-GROUPS = {"sampling": ["entropy", "random", "chains"], "loss": ["entropy", "loss-sequence", "loss-token"]}
+GROUPS = {"sampling": ["entropy", "random", "chains"], "loss": ["loss-turn", "loss-sequence", "loss-token"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ def report(args, names: list[str]) -> str:
     budget = (f"{args.total_steps} RL steps, default settings (2 questions x 6 leaves per step), greedy EM on "
               f"{args.eval_questions} held-out questions every {args.eval_every} steps; mean ± sample std over seeds")
     for group, file, title in [("sampling", "em_vs_step.png", "how the leaves are sampled"), ("sampling", "em_vs_tokens.png", "how the leaves are sampled"),
-                               ("loss", "loss_level.png", "loss level (all on entropy trees)")]:
+                               ("loss", "loss_level.png", "loss level (entropy trees, 2 updates per batch)")]:
         chosen = {n: summaries[n] for n in GROUPS[group] if n in summaries}
         if chosen:
             plot(chosen, curves, "tokens" if "tokens" in file else "step", results / file, title)

@@ -121,6 +121,21 @@ def test_one_token_turns_equal_token_level_ppo():
     torch.testing.assert_close(grad, lp.grad, rtol=0, atol=1e-12)
 
 
+def test_on_policy_all_levels_give_the_same_gradient():
+    """With pi_old = pi_theta (one optimizer step per batch) every ratio is 1, nothing is clipped, and all three
+    levels reduce to the gradient -A_t grad log pi_t, seq-mean-token-mean: they differ only off-policy."""
+    log_prob, _, adv, mask = random_batch(seed=5)
+    m = mask.to(log_prob.dtype)
+    expected = -(adv * m) / m.sum(1, keepdim=True).clamp(min=1) / (m.sum(1) > 0).sum()  # written out by hand
+    for level in ("turn", "sequence", "token"):
+        loss, grad, stats = grad_of(level, log_prob, log_prob.clone(), adv, mask)
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+        assert stats["clip_frac"] == 0.0
+    _, old, _, _ = random_batch(seed=5)  # off-policy (old log-probs 0.02 nats apart): the levels differ
+    grads = [grad_of(level, log_prob, old, adv, mask)[1] for level in ("turn", "sequence", "token")]
+    assert not torch.allclose(grads[0], grads[1]) and not torch.allclose(grads[0], grads[2])
+
+
 def test_masked_positions_do_not_matter_and_get_no_gradient():
     log_prob, old, adv, mask = random_batch(seed=5)
     loss, grad, stats = grad_of("turn", log_prob, old, adv, mask)

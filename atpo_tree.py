@@ -298,12 +298,11 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """Attention under the tree mask, computed block by block: each node's queries against only the keys it may see,
     so the masked-out part of the N x N scores (siblings, cousins, later tokens) costs nothing.
     query [B, Hq, N, D], key and value [B, Hkv, N, D] (Hq a multiple of Hkv), blocks from `attention_blocks`.
-    Returns [B, Hq, N, D]."""
+    Returns [B, Hq, N, D]. The blocks must be on the tensors' device."""
     outputs = []
     for first, end, keys, mask in blocks:
-        keys = keys.to(key.device)
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, first:end], key.index_select(2, keys), value.index_select(2, keys), attn_mask=mask.to(query.device),
+            query[:, :, first:end], key.index_select(2, keys), value.index_select(2, keys), attn_mask=mask,
             scale=scale, enable_gqa=query.shape[1] != key.shape[1]))
     return torch.cat(outputs, dim=2)
 

@@ -336,8 +336,9 @@ def packed_token_log_probs(model, packed: PackedTrees, temperature: float, devic
     if model.config._attn_implementation != TREE_ATTENTION:
         raise ValueError(f"tree packing needs the policy loaded by train.load_policy (attention {TREE_ATTENTION!r}), this "
                          f"model uses {model.config._attn_implementation!r}; or train with --packing path")
+    blocks = [(first, end, keys.to(device), mask.to(device)) for first, end, keys, mask in packed.attention_blocks()]
     hidden = model.get_decoder()(input_ids=packed.input_ids[None].to(device), position_ids=packed.position_ids[None].to(device),
-                                 tree_blocks=packed.attention_blocks()).last_hidden_state[0]  # [N, H]
+                                 tree_blocks=blocks).last_hidden_state[0]  # [N, H]
     picked = packed.loss_mask.bool().to(device)
     picked_log_probs = next_token_log_probs(model, hidden[packed.predictor.to(device)[picked]], packed.input_ids.to(device)[picked], temperature)
     return torch.zeros(picked.shape, device=device).masked_scatter(picked, picked_log_probs)

@@ -131,8 +131,12 @@ def is_done(run_dir: Path, total_steps: int) -> bool:
     return path.exists() and any(r["step"] == total_steps and "eval/em" in r for r in read_metrics(path))
 
 
+def run_dir_of(args, name: str, seed: int) -> Path:
+    return Path(args.out_dir) / name / f"seed{seed}"
+
+
 def train_command(args, warm_start: Path, name: str, seed: int) -> list[str]:
-    run_dir = Path(args.out_dir) / name / f"seed{seed}"
+    run_dir = run_dir_of(args, name, seed)
     command = [sys.executable, str(ROOT / "train.py"), "--model", str(warm_start), "--sft", "off", "--seed", str(seed),
                "--output-dir", str(run_dir), "--total-steps", str(args.total_steps), "--eval-every", str(args.eval_every),
                "--eval-questions", str(args.eval_questions), "--save-every", str(args.eval_every),
@@ -158,13 +162,13 @@ def ensure_warm_start(args) -> Path:
 def run_all(args, names: list[str]) -> list[str]:
     """Every (setting, seed) not finished yet, `--parallel` processes at a time, seeds interleaved; returns failures."""
     warm_start = ensure_warm_start(args)
-    pending = [(n, s) for s in args.seeds for n in names if not is_done(Path(args.out_dir) / n / f"seed{s}", args.total_steps)]
+    pending = [(n, s) for s in args.seeds for n in names if not is_done(run_dir_of(args, n, s), args.total_steps)]
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     failed = []
     while pending or running:
         while pending and len(running) < args.parallel:
             name, seed = pending.pop(0)
-            run_dir = Path(args.out_dir) / name / f"seed{seed}"
+            run_dir = run_dir_of(args, name, seed)
             run_dir.mkdir(parents=True, exist_ok=True)
             command = train_command(args, warm_start, name, seed)
             print(f"start {name} seed {seed}{' (resume)' if '--resume' in command else ''}", flush=True)
@@ -180,7 +184,7 @@ def run_all(args, names: list[str]) -> list[str]:
             if process.returncode == 0:
                 print(f"done  {name} seed {seed} ({minutes:.1f} min)", flush=True)
             else:
-                failed.append(f"{name} seed {seed}: exit {process.returncode}, see {Path(args.out_dir) / name / f'seed{seed}' / 'train.log'}")
+                failed.append(f"{name} seed {seed}: exit {process.returncode}, see {run_dir_of(args, name, seed) / 'train.log'}")
                 print(f"FAILED {failed[-1]}", flush=True)
     return failed
 
@@ -221,7 +225,7 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
 def report(args, names: list[str]) -> str:
     curves = {}  # finished runs only: a stopped run would cut its setting's curve short
     for name in names:
-        run_dirs = [Path(args.out_dir) / name / f"seed{s}" for s in args.seeds]
+        run_dirs = [run_dir_of(args, name, s) for s in args.seeds]
         curves[name] = [run_curve(read_metrics(d / "metrics.jsonl")) for d in run_dirs if is_done(d, args.total_steps)]
     summaries = {n: summarize(c) for n, c in curves.items() if c}
     if not summaries:

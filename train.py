@@ -369,7 +369,7 @@ def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, d
 
 
 def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temperature: float, seed: int) -> dict[str, float]:
-    """One episode per question (greedy when temperature is 0); EM per data source and how the model acts."""
+    """One episode per question (greedy when temperature is 0); EM overall and per data source, and how the model acts."""
     prompts = [build_prompt(tokenizer, t.question) for t in tasks]
     generate = make_generate(llm, args, random.Random(seed), temperature)
     trees = grow_trees(prompts, tasks, generate, env.step, m=1, l=0, mode="chains")
@@ -380,7 +380,7 @@ def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temp
         em = tree.nodes[tree.leaves()[0]].info["em"]
         record = {
             "em": em,
-            f"em/{task.source or 'all'}": em,
+            **({f"em/{task.source}": em} if task.source else {}),  # a task without a source counts in "em" only
             "well_formed": sum(n.info["action"] != "invalid" for n in turns) / len(turns),
             "searches": searches,
             "turns": len(turns),

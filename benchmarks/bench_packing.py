@@ -80,7 +80,7 @@ def real_trees(count: int):
     from default_model import default_model_path
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
 
-    args = train.Args()
+    args = train.Args(dtype=train.resolve_dtype("auto"))
     warm = train.warm_start_dir(args)
     path = str(warm) if (warm / "report.json").exists() else default_model_path()
     llm = train.start_engine(path, args)

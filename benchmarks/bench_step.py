@@ -71,7 +71,7 @@ def main() -> None:
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
 
     path = policy_path or default_model_path()
-    settings = train.Args()
+    settings = train.Args(dtype=train.resolve_dtype("auto"))
     llm = train.start_engine(path, settings)  # before bm25s is imported (see train.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     env = SearchEnv(tokenizer, BM25Retriever(DEFAULT_TASK_DIR / "corpus.jsonl"), max_turns=settings.max_turns,

@@ -229,3 +229,24 @@ def test_cuda_matches_cpu():
     loss_c, grad_c, _ = grad_of("turn", log_prob.cuda(), old.cuda(), adv.cuda(), mask.cuda())
     assert loss_c.item() == pytest.approx(loss.item(), abs=1e-10)
     torch.testing.assert_close(grad_c.cpu(), grad, rtol=0, atol=1e-10)
+
+
+def test_kl_penalty_is_zero_at_the_reference_and_k3_by_hand():
+    from atpo_loss import kl_penalty
+
+    log_prob, _, _, mask = random_batch(seed=3)
+    lp = log_prob.clone().requires_grad_(True)
+    at_start = kl_penalty(lp, log_prob, mask)
+    at_start.backward()
+    assert at_start.item() == 0.0 and torch.count_nonzero(lp.grad) == 0  # zero, and no pull, at the start policy
+    # two rows by hand: r = log pi_ref - log pi_theta; k3 = exp(r) - r - 1; seq-mean-token-mean (empty row ignored)
+    theta = torch.tensor([[-1.0, -2.0, float("nan")], [-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    k3 = lambda r: math.exp(r) - r - 1  # noqa: E731
+    expected = ((k3(-0.5) + k3(1.0)) / 2 + k3(0.0)) / 2
+    assert kl_penalty(theta, ref, mask).item() == pytest.approx(expected, rel=1e-6)
+    lp = theta.clone().requires_grad_(True)
+    kl_penalty(lp, ref, mask).backward()  # d/d log pi_theta of (exp(r) - r - 1) = 1 - exp(r), / (2 tokens * 2 rows)
+    assert lp.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 4, rel=1e-6)
+    assert lp.grad[0, 2].item() == 0.0 and lp.grad[2].abs().sum().item() == 0.0

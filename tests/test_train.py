@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from atpo_tree import Tree
+from envs import Task
+
 ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONUNBUFFERED": "1"}
 
@@ -149,3 +152,58 @@ def test_two_steps_then_resume(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dynamic sampling and the rollout diagnostics
+
+
+def episode_tree(task, outcomes: list[tuple[list[str], float]]) -> Tree:
+    """A tree of independent chains: one per (actions of its turns, reward); each turn has one token."""
+    tree = Tree([1], task)
+    for actions, reward in outcomes:
+        parent = 0
+        for depth, action in enumerate(actions, start=1):
+            parent = tree.add(parent, [5], [-0.1 * depth])
+            tree.nodes[parent].info = {"action": action, "em": reward, "end": "answer" if action == "answer" else None}
+        tree.nodes[parent].done, tree.nodes[parent].reward = True, reward
+    return tree
+
+
+def test_uniform_trees_are_dropped_and_replaced_from_their_own_source():
+    import train
+
+    one = [Task(f"q1-{i}", ["a"], "1hop") for i in range(5)]
+    two = [Task(f"q2-{i}", ["a"], "2hop") for i in range(5)]
+    uniform = {"q1-4", "q2-4", "q2-3"}  # queues pop from the end: the first picks of each source are uniform
+    calls = []
+
+    def grow(tasks):
+        calls.append([t.question for t in tasks])
+        return [episode_tree(t, [(["answer"], 1.0), (["answer"], 1.0 if t.question in uniform else 0.0)]) for t in tasks]
+
+    drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grow, rounds=4, drop_uniform=True)
+    assert calls == [["q1-4", "q2-4"], ["q1-3", "q2-3"], ["q2-2"]]  # each refill comes from the dropped tree's source
+    assert [t.task.question for t in kept] == ["q1-3", "q2-2"]
+    assert len(drawn) == 5 and sum(train.is_uniform(t) for t in drawn) == 3
+    # a round cap: the step trains on what it has; without dropping, the first draw is the batch
+    drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grow, rounds=1, drop_uniform=True)
+    assert [t.task.question for t in kept] == [] and len(drawn) == 2
+    drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grow, rounds=1, drop_uniform=False)
+    assert [t.task.question for t in kept] == ["q1-4", "q2-4"]
+
+
+def test_rollout_stats_by_hand():
+    import train
+
+    a = episode_tree(Task("q", ["a"], "2hop"), [(["search", "search", "answer"], 1.0), (["search", "answer"], 0.0)])
+    b = episode_tree(Task("r", ["a"], "1hop"), [(["search", "answer"], 1.0), (["search", "answer"], 1.0)])
+    stats = train.rollout_stats([a, b])
+    assert stats["reward_mean"] == pytest.approx(0.75) and stats["em"] == pytest.approx(0.75)
+    assert stats["turns"] == pytest.approx((3 + 2 + 2 + 2) / 4)
+    assert stats["uniform_trees"] == 0.5 and stats["trees_drawn"] == 2
+    assert stats["reward/2hop"] == 0.5 and stats["reward/1hop"] == 1.0
+    assert stats["second_search/2hop"] == 0.5 and stats["second_search/1hop"] == 0.0
+    # turn entropies: depth d has log-prob -0.1 d, so entropy 0.1 d at every depth
+    assert stats["entropy/turn1"] == pytest.approx(0.1) and stats["entropy/turn3"] == pytest.approx(0.3)
+    assert stats["generated_tokens"] == 9

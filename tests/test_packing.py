@@ -51,11 +51,11 @@ SHAPES = {
 }
 
 
-def loss_and_grads(model, tree_list, packing):
+def loss_and_grads(model, tree_list, packing, gradient_checkpointing="off"):
     """The production path: training_rows -> response_log_probs -> policy_loss, gradients of every parameter."""
     import train
 
-    args = train.Args(packing=packing, dtype="float32")
+    args = train.Args(packing=packing, dtype="float32", gradient_checkpointing=gradient_checkpointing)
     rows, _ = train.training_rows(tree_list, args)
     model.zero_grad()
     log_probs = train.response_log_probs(model, rows, tree_list, args, torch.device("cpu"), pad_id=2)
@@ -76,6 +76,29 @@ def test_packed_equals_path_by_path(model, tokenizer, shape):
     assert (lp_path - lp_tree).abs().max().item() <= 1e-4
     assert ((g_path - g_tree).norm() / g_path.norm()).item() <= 1e-5
     assert g_path.norm() > 0
+
+
+@pytest.mark.parametrize("packing", ["tree", "path"])
+def test_gradient_checkpointing_changes_no_gradient_and_auto_follows_free_memory(model, tokenizer, packing, monkeypatch):
+    import types
+
+    import train
+
+    tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"])
+    lp_off, g_off = loss_and_grads(model, [tree], packing, "off")
+    assert not model.is_gradient_checkpointing
+    lp_on, g_on = loss_and_grads(model, [tree], packing, "on")
+    assert model.is_gradient_checkpointing
+    assert (lp_off - lp_on).abs().max().item() <= 1e-6
+    assert ((g_off - g_on).norm() / g_off.norm()).item() <= 1e-6
+    # auto: on only when ~70 bytes x layers x hidden x tokens exceed half the free memory
+    monkeypatch.setattr(train.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
+    loss_and_grads(model, [tree], packing, "auto")
+    assert not model.is_gradient_checkpointing
+    monkeypatch.setattr(train.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**20))
+    loss_and_grads(model, [tree], packing, "auto")
+    assert model.is_gradient_checkpointing
+    model.gradient_checkpointing_disable()
 
 
 def test_packing_counts_each_shared_token_once(tokenizer):

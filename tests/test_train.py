@@ -117,7 +117,7 @@ def test_two_steps_then_resume(tmp_path):
     env = {**CHILD_ENV, "ATPO_CACHE": os.environ.get("ATPO_CACHE", str(Path.home() / ".cache" / "atpo"))}
     tiny = ["--output-dir", str(out), "--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3",
             "--max-turn-tokens", "48", "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2",
-            "--eval-every", "100", "--save-every", "1", "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0",
+            "--eval-every", "100", "--save-every", "1", "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
             "--seed", "3"]
 
     def run(*extra):
@@ -136,8 +136,12 @@ def test_two_steps_then_resume(tmp_path):
     # the engine generated step 2 with the weights of step 1: its log-probs agree with the trainer's (bf16 noise)
     assert steps[1]["vllm_logprob_abs_diff"] < 0.1
     assert (out / "checkpoint" / "model.safetensors").exists() and (out / "checkpoint" / "state.pt").exists()
-    trees = json.loads((out / "trees" / "step_000002.json").read_text())
-    assert len(trees) == 2 and all(sum(n["end"] is not None for n in t["nodes"]) == 4 for t in trees)
+    trees = json.loads((out / "trees" / "step_000002.json").read_text())  # the trees trained on
+    assert len(trees) == steps[1]["trees_trained"] <= steps[1]["trees_drawn"]
+    assert all(sum(n["end"] is not None for n in t["nodes"]) == 4 for t in trees)
+    # step 1 trains the start policy itself: KL 0 exactly; step 2's policy has moved away from it
+    assert steps[0]["kl_to_start"] == 0.0
+    assert steps[1]["kl_to_start"] > 0 or steps[0]["trees_trained"] == 0
 
     from safetensors.torch import load_file
 

@@ -5,8 +5,8 @@
 Two workloads: real rollout trees of the default task (grown by vLLM with train.py's defaults and the cached
 warm start, if there is one), and a synthetic tree of the paper's shape (M=10, L=2, K=6: 22 leaves; 300-token
 prompt, turns of 60-120 tokens, 150-token observations). Each measurement runs in a fresh child process (so peak
-memory is its own), alternating packed and path-by-path, with train.py's defaults (bf16 autocast, gradient
-checkpointing). Path by path uses micro-batches of about as many tokens as the packed row.
+memory is its own), alternating packed and path-by-path, with train.py's dtype (`--dtype auto`) and gradient
+checkpointing on (as the numbers in the README were measured). Path by path uses micro-batches of about as many tokens as the packed row.
 """
 
 import os
@@ -33,8 +33,7 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
     from atpo_loss import policy_loss
 
     model = train.load_policy(model_path, torch.device("cpu")).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    args = train.Args(packing=method)
+    args = train.Args(packing=method, dtype=train.resolve_dtype("auto"), gradient_checkpointing="on")
     rows, _ = train.training_rows(trees, args)
     units = [rows] if method == "tree" else [rows[i : i + micro_batch_paths] for i in range(0, len(rows), micro_batch_paths)]
     baseline = psutil.Process().memory_info().rss
@@ -102,6 +101,7 @@ def main() -> None:
     parser.add_argument("--real-trees", type=int, default=2, help="real trees (train.py packs one tree per forward); 0: none, no vLLM")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    import train
     from atpo_tree import pack_trees
     from default_model import default_model_path
 
@@ -111,7 +111,7 @@ def main() -> None:
     if len(trees) > 1:
         workloads["default task, second real tree"] = [trees[1]]
     context = multiprocessing.get_context("spawn")
-    print(f"model {model_path}; forward+backward, bf16 autocast, gradient checkpointing, 1 thread; median of {args.repeats}")
+    print(f"model {model_path}; forward+backward, {train.resolve_dtype('auto')}, gradient checkpointing, 1 thread; median of {args.repeats}")
     for name, work in workloads.items():
         unique = sum(len(t.prompt_ids) + sum(len(n.token_ids) + len(n.obs_ids) for n in t.nodes[1:]) for t in work)
         per_path = sum(len(t.prompt_ids) + len(r.response_ids) for t in work for r in t.trajectories())

@@ -187,15 +187,24 @@ class BM25Retriever:
 
         if not queries:
             return []
+        import numpy as np
+
         k = min(topk, len(self.corpus))
+        pool = min(4 * k, len(self.corpus))  # candidates; equal scores are then ranked by corpus order
         tokens = bm25s.tokenize(list(queries), show_progress=False)
-        doc_ids, scores = self.index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        doc_ids, scores = self.index.retrieve(tokens, k=pool, show_progress=False, n_threads=1)
+        words = bm25s.tokenize(list(queries), return_ids=False, show_progress=False)
         results = []
-        for row_ids, row_scores in zip(doc_ids.tolist(), scores.tolist()):
+        for query_words, row_ids, row_scores in zip(words, doc_ids, scores):
+            if pool < len(self.corpus) and row_scores[k - 1] == row_scores[pool - 1]:
+                # the k-th score's ties may reach past the candidates: score every passage
+                row_scores = self.index.get_scores(query_words)
+                row_ids = np.arange(len(row_scores))
+            # ties in corpus order, not in the order a SIMD top-k happens to leave them (it differs between CPUs)
+            best = np.lexsort((row_ids, -np.round(row_scores, 4)))[:k]
             # a query with no known word scores 0 everywhere: return nothing rather than arbitrary passages
-            results.append(
-                [Passage(self.corpus[i]["id"], self.corpus[i]["contents"], s) for i, s in zip(row_ids, row_scores) if s > 0]
-            )
+            results.append([Passage(self.corpus[i]["id"], self.corpus[i]["contents"], float(s))
+                            for i, s in zip(row_ids[best].tolist(), row_scores[best].tolist()) if s > 0])
         return results
 
 

@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # vLLM on CPU: 2 threads on 2 cores ran 10x slower than 1
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,7 @@ from default_model import cache_dir, default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
 
 STOP = ["</search>", "</answer>"]
+SET_NUM_THREADS = torch.set_num_threads  # vLLM's CPU worker replaces torch.set_num_threads by a no-op: keep the real one
 
 
 @dataclass
@@ -137,6 +139,13 @@ class Args:
     """upper clip range of the ratio"""
     kl_coef: float = 0.0
     """weight of a k3 KL penalty to the policy RL started from (the warm start); 0: the paper's loss, no KL"""
+    demo_coef: float = 0.0
+    """weight of a cross-entropy on gold transcripts (--sft-demos of --demo-source) added to every update; not in
+    the paper: keeps the second search reachable (David-GRPO mixes gold sequences into its groups); 0: off"""
+    demo_source: str = "default-2hop"
+    """data source of the gold transcripts of --demo-coef ('': every demonstration)"""
+    demo_batch: int = 2
+    """gold transcripts per update with --demo-coef"""
 
     # optimisation
     total_steps: int = 100
@@ -150,6 +159,9 @@ class Args:
     packing: Literal["tree", "path"] = "tree"
     """tree: each tree's unique tokens in one forward with a tree attention mask (shared prefixes computed once);
     path: one padded row per trajectory (the readable reference); same log-probs and gradient"""
+    update_threads: int = 0
+    """CPU threads of the update and the warm start (generation keeps OMP_NUM_THREADS); 0: every core this process
+    may use (2 threads ran the default model's forward+backward 1.7x faster than 1 on 2 cores)"""
     micro_batch: int = 2
     """per forward/backward, gradient accumulated: trajectories (path) or whole trees (tree packing)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
@@ -175,13 +187,16 @@ def check_args(args: Args) -> None:
     """Fail before any model loads, with one line naming the problem."""
     problems = []
     for name in ("prompts_per_step", "m", "k", "micro_batch", "num_minibatches", "max_turns", "topk", "total_steps",
-                 "max_draws"):
+                 "max_draws", "demo_batch"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.l < 0:
         problems.append(f"--l must be >= 0, got {args.l}")
-    if not args.kl_coef >= 0:
-        problems.append(f"--kl-coef must be >= 0, got {args.kl_coef}")
+    if args.update_threads < 0:
+        problems.append(f"--update-threads must be >= 0, got {args.update_threads}")
+    for name in ("kl_coef", "demo_coef"):
+        if not getattr(args, name) >= 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not args.temperature > 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if not (0 < args.clip_low < 1 and args.clip_high > 0):
@@ -192,7 +207,7 @@ def check_args(args: Args) -> None:
     if args.max_turn_tokens >= args.max_length:
         problems.append(f"--max-turn-tokens {args.max_turn_tokens} must be below --max-length {args.max_length}")
     files = [args.train_data, args.test_data] + ([] if args.retrieval_url else [args.corpus])
-    files += [args.sft_demos] if wants_sft(args) else []
+    files += [args.sft_demos] if wants_sft(args) or args.demo_coef > 0 else []
     problems += [f"no such file: {f}" for f in files if not Path(f).exists()]
     if args.model != "default" and not Path(args.model).exists():
         from huggingface_hub import try_to_load_from_cache
@@ -216,6 +231,18 @@ def resolve_dtype(dtype: str) -> str:
         return dtype
     native_bf16 = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "bfloat16" if native_bf16 else "float32"
+
+
+@contextlib.contextmanager
+def update_threads(args: Args):
+    """Inside: torch runs on --update-threads threads (on a CPU); after: back to the threads vLLM generates with."""
+    before = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        SET_NUM_THREADS(args.update_threads or len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        SET_NUM_THREADS(before)
 
 
 def wants_sft(args: Args) -> bool:
@@ -511,6 +538,18 @@ def demo_row(tokenizer, demo: dict) -> dict:
     return {"ids": ids, "loss_mask": loss_mask}
 
 
+def demo_nll(model, rows: list[dict], tokens: int, args: Args, device: torch.device, pad_id: int) -> torch.Tensor:
+    """Cross-entropy of gold transcripts (demo_row): summed over the model's tokens of `rows`, divided by `tokens`
+    (the token count of the whole batch, so that micro-batches add up to its token mean)."""
+    ids = pad([r["ids"] for r in rows], pad_id, torch.long).to(device)
+    attention_mask = pad([[1] * len(r["ids"]) for r in rows], 0, torch.long).to(device)
+    loss_mask = pad([r["loss_mask"] for r in rows], 0, torch.long).to(device)
+    fit_checkpointing(model, ids.numel(), args)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        log_probs = token_log_probs(model, ids, attention_mask, loss_mask, 1.0)
+    return -log_probs.sum() / tokens
+
+
 def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.device, pad_id: int) -> list[float]:
     """Supervised fine-tuning on gold transcripts (token-mean cross-entropy on the model's tokens)."""
     model.train()
@@ -526,14 +565,7 @@ def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.de
         optimizer.zero_grad()
         total = 0.0
         for start in range(0, len(rows), args.micro_batch):
-            chunk = rows[start : start + args.micro_batch]
-            ids = pad([r["ids"] for r in chunk], pad_id, torch.long).to(device)
-            attention_mask = pad([[1] * len(r["ids"]) for r in chunk], 0, torch.long).to(device)
-            loss_mask = pad([r["loss_mask"] for r in chunk], 0, torch.long).to(device)
-            fit_checkpointing(model, ids.numel(), args)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                log_probs = token_log_probs(model, ids, attention_mask, loss_mask, 1.0)
-            loss = -log_probs.sum() / tokens
+            loss = demo_nll(model, rows[start : start + args.micro_batch], tokens, args, device, pad_id)
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -629,7 +661,8 @@ def main() -> None:
         if policy_path == base_path:
             before = evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed)
             sft_start = time.time()
-            losses = warm_start(model, tokenizer, [json.loads(x) for x in Path(args.sft_demos).read_text().splitlines()], args, device, pad_id)
+            with update_threads(args):
+                losses = warm_start(model, tokenizer, [json.loads(x) for x in Path(args.sft_demos).read_text().splitlines()], args, device, pad_id)
             minutes = (time.time() - sft_start) / 60
             push_weights(llm, model, dtype)
             after = evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed)
@@ -653,6 +686,13 @@ def main() -> None:
     for task in train_tasks:
         train_pools.setdefault(task.source if args.balance_sources else "", []).append(task)
     pools = list(train_pools.values())
+    demos = []  # the gold transcripts of --demo-coef
+    if args.demo_coef > 0:
+        demos = [d for d in map(json.loads, Path(args.sft_demos).read_text().splitlines())
+                 if args.demo_source in ("", d["data_source"])]
+        if len(demos) < args.demo_batch:
+            raise SystemExit(f"error: --demo-coef needs {args.demo_batch} gold transcripts of source {args.demo_source!r} "
+                             f"in {args.sft_demos}, found {len(demos)}")
 
     # ---- optimizer, resume, logging
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -731,47 +771,55 @@ def main() -> None:
         def units(gs: list[list[dict]]) -> list[list[dict]]:
             return [sum(gs[i : i + args.micro_batch], []) for i in range(0, len(gs), args.micro_batch)]
 
-        t_old = 0.0
-        if args.num_minibatches > 1:  # pi_old must be fixed before the first update changes the weights
-            with torch.no_grad():
-                for unit in units(groups):
-                    old = response_log_probs(model, unit, trees, args, device, pad_id)
-                    for row, o in zip(unit, old.cpu()):
-                        row["old_log_probs"] = o[: len(row["traj"].response_ids)].tolist()
-            t_old = time.time() - t0
-        order = step_rng.sample(range(len(groups)), len(groups))
-        losses, clip_fracs, kls, kls_to_start, mismatch, grad_norms = [], [], [], [], [], []
-        for mb in range(args.num_minibatches if trees else 0):  # no tree kept: no update
-            minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
-            live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
-            optimizer.zero_grad()
-            for unit in units(minibatch):
-                if args.kl_coef == 0 and not any(any(r["advantages"]) for r in unit):
-                    continue  # zero advantage on every token: its gradient is exactly zero
-                log_probs = response_log_probs(model, unit, trees, args, device, pad_id)  # [B, T]
-                mask = pad([r["traj"].response_mask for r in unit], 0, torch.long).to(device)
-                advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32).to(device)
-                # with one optimizer step per batch pi_old is the current policy: its log-probs are these, detached
-                old_log_probs = (pad([r["old_log_probs"] for r in unit], 0.0, torch.float32).to(device)
-                                 if args.num_minibatches > 1 else log_probs.detach())
-                loss, stats = policy_loss(log_probs, old_log_probs, advantages, mask, level=args.loss_level,
-                                          clip_low=args.clip_low, clip_high=args.clip_high)
-                with torch.no_grad():  # the policy RL started from, on the same tokens
-                    ref_log_probs = response_log_probs(reference, unit, trees, args, device, pad_id)
-                kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
-                weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
-                ((loss + args.kl_coef * kl_to_start) * weight).backward()
-                losses.append(loss.item() * weight)
-                kls_to_start.append(kl_to_start.item() * weight)
-                clip_fracs.append(stats["clip_frac"])
-                kls.append(stats["approx_kl"])
-                sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(device)
-                mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
-            for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
-            optimizer.step()
+        with update_threads(args):  # the update on every core, generation back on OMP_NUM_THREADS after
+            t_old = 0.0
+            if args.num_minibatches > 1:  # pi_old must be fixed before the first update changes the weights
+                with torch.no_grad():
+                    for unit in units(groups):
+                        old = response_log_probs(model, unit, trees, args, device, pad_id)
+                        for row, o in zip(unit, old.cpu()):
+                            row["old_log_probs"] = o[: len(row["traj"].response_ids)].tolist()
+                t_old = time.time() - t0
+            order = step_rng.sample(range(len(groups)), len(groups))
+            losses, clip_fracs, kls, kls_to_start, mismatch, grad_norms, demo_nlls = [], [], [], [], [], [], []
+            for mb in range(args.num_minibatches if trees else 0):  # no tree kept: no update
+                minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
+                live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
+                optimizer.zero_grad()
+                for unit in units(minibatch):
+                    if args.kl_coef == 0 and not any(any(r["advantages"]) for r in unit):
+                        continue  # zero advantage on every token: its gradient is exactly zero
+                    log_probs = response_log_probs(model, unit, trees, args, device, pad_id)  # [B, T]
+                    mask = pad([r["traj"].response_mask for r in unit], 0, torch.long).to(device)
+                    advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32).to(device)
+                    # with one optimizer step per batch pi_old is the current policy: its log-probs are these, detached
+                    old_log_probs = (pad([r["old_log_probs"] for r in unit], 0.0, torch.float32).to(device)
+                                     if args.num_minibatches > 1 else log_probs.detach())
+                    loss, stats = policy_loss(log_probs, old_log_probs, advantages, mask, level=args.loss_level,
+                                              clip_low=args.clip_low, clip_high=args.clip_high)
+                    with torch.no_grad():  # the policy RL started from, on the same tokens
+                        ref_log_probs = response_log_probs(reference, unit, trees, args, device, pad_id)
+                    kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
+                    weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
+                    ((loss + args.kl_coef * kl_to_start) * weight).backward()
+                    losses.append(loss.item() * weight)
+                    kls_to_start.append(kl_to_start.item() * weight)
+                    clip_fracs.append(stats["clip_frac"])
+                    kls.append(stats["approx_kl"])
+                    sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(device)
+                    mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
+                if args.demo_coef > 0:  # the cross-entropy on gold transcripts (--demo-coef, not in the paper)
+                    batch = [demo_row(tokenizer, d) for d in step_rng.sample(demos, args.demo_batch)]
+                    tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
+                    for start in range(0, len(batch), args.micro_batch):
+                        nll = demo_nll(model, batch[start : start + args.micro_batch], tokens, args, device, pad_id)
+                        (args.demo_coef * nll).backward()
+                        demo_nlls.append(nll.item())
+                for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+                optimizer.step()
         t_train = time.time() - t0 - t_old  # the update alone
 
         # ---- 4. weight sync into the running engine
@@ -786,6 +834,7 @@ def main() -> None:
             **rollout_stats(drawn),  # what the policy did: every tree grown this step, dropped ones too
             "loss": sum(losses) / args.num_minibatches,
             "kl_to_start": sum(kls_to_start) / args.num_minibatches,
+            "demo_nll": sum(demo_nlls) / args.num_minibatches,
             "trees_trained": len(trees),
             "leaves": len(rows),
             "trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),

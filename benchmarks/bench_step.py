@@ -1,13 +1,17 @@
-"""Where an RL step's time goes, and what a turn-level tree saves over independent chains.
+"""Where an RL step's time goes, how fast it is against the previous defaults and against plain vLLM, and what a
+turn-level tree saves over independent chains.
 
     python -m benchmarks.bench_step            (from the repository root; reuses the cached warm start)
 
-1. Runs `train.py` for a few steps with its default settings and prints the time split that train.py records
-   (rollout, of which environment + retrieval; credit; old log-probs; update; weight sync) and generated tokens
-   per second of rollout.
-2. On the same questions, with the warmed-up policy in vLLM: a tree rollout (M + L*K leaves, entropy expansion)
-   against M + L*K independent chains (GRPO sampling), side by side and interleaved over repeats: generated
-   tokens and wall time, as ratios (goal: the tree needs <= 0.6x of the chains' tokens).
+1. Step time, side by side: `train.py` step 1 (same seed: the same questions, trees and losses) with the current
+   defaults and with the previous ones (the update on 1 thread, gradient checkpointing on), interleaved over
+   repeats; the time split train.py records and the peak resident memory of each process.
+2. Rollout speed: the trees of train.py's defaults for some training questions, each vLLM call recorded; then
+   every recorded context again in one plain `llm.generate` call (same sampling settings): generated tokens/s.
+3. The update's achieved FLOP/s (forward + backward of one micro-batch of those trees, ~6 x parameters x tokens)
+   beside a plain float32 matmul's on the same threads.
+4. Tree vs chains on the same questions and leaf budget: generated tokens and wall time (goal: tree <= 0.6x).
+The two ratio lines of 1 and 2 are printed last.
 """
 
 import os
@@ -26,42 +30,59 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTS = ["time/rollout", "time/env", "time/credit", "time/old_log_prob", "time/train", "time/sync"]
+PREVIOUS = ["--update-threads", "1", "--gradient-checkpointing", "on"]
+
+
+def train_step(extra: list[str], seed: int) -> tuple[dict, float, str]:
+    """One train.py step (no evaluation, nothing saved): its metrics row, the process's peak RSS in GiB, stdout."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "train.py", "--total-steps", "1", "--eval-questions", "0", "--output-dir", out,
+               "--save-every", "1000", "--save-trees-every", "0", "--seed", str(seed), *extra]
+        with open(Path(out) / "log", "w+") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+            _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS (KiB on Linux)
+            log.seek(0)
+            stdout = log.read()
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(stdout[-4000:])
+        row = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][0]
+    return row, usage.ru_maxrss / 2**20, stdout
+
+
+def step_seconds(row: dict) -> float:
+    return sum(row[k] for k in PARTS if k != "time/env")  # env time is inside the rollout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3, help="train.py steps to time")
-    parser.add_argument("--questions", type=int, default=16, help="questions for the tree-vs-chains comparison")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--m", type=int, default=3)
-    parser.add_argument("--l", type=int, default=1)
-    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved step-1 runs per setting")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--questions", type=int, default=16, help="questions for the rollout and tree-vs-chains parts")
     args = parser.parse_args()
 
-    # ---- 1. the time split of real training steps
-    with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run(
-            [sys.executable, "train.py", "--total-steps", str(args.steps), "--eval-questions", "0", "--output-dir", out,
-             "--save-every", "1000", "--save-trees-every", "0"],
-            cwd=ROOT, capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    policy = re.search(r"cached in (\S+?)\)", proc.stdout)
+    # ---- 1. a default step against a step with the previous defaults, interleaved
+    runs = {"defaults": [], "previous": []}
+    for _ in range(args.repeats):
+        for name, extra in (("defaults", []), ("previous", PREVIOUS)):
+            row, rss, stdout = train_step(extra, args.seed)
+            runs[name].append((row, rss))
+    policy = re.search(r"cached in (\S+?)\)", stdout)
     policy_path = policy.group(1) if policy else None
-    keys = ["time/rollout", "time/env", "time/credit", "time/old_log_prob", "time/train", "time/sync"]
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-    total = mean["time/rollout"] + mean["time/credit"] + mean["time/old_log_prob"] + mean["time/train"] + mean["time/sync"]
-    tokens = sum(r["generated_tokens"] for r in rows) / len(rows)
-    print(f"train.py defaults, mean of {len(rows)} steps: {total:.1f} s per step")
-    for k in keys:
-        label = k.split("/")[1] + (" (inside rollout)" if k == "time/env" else "")
-        print(f"  {label:24s} {mean[k]:7.2f} s  {100 * mean[k] / total:5.1f} %")
-    print(f"  generated tokens per step {tokens:.0f}, {tokens / mean['time/rollout']:.0f} tok/s of rollout")
+    for name, results in runs.items():
+        total = sum(step_seconds(r) for r, _ in results) / len(results)
+        print(f"train.py {name}{' (' + ' '.join(PREVIOUS) + ')' if name == 'previous' else ''}, step 1 x {len(results)}: "
+              f"{total:.1f} s per step, peak RSS {max(rss for _, rss in results):.2f} GiB")
+        for k in PARTS:
+            seconds = sum(r[k] for r, _ in results) / len(results)
+            label = k.split("/")[1] + (" (inside rollout)" if k == "time/env" else "")
+            print(f"  {label:24s} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
+    losses = {name: [r["loss"] for r, _ in results] for name, results in runs.items()}
+    print(f"  same trees, same loss: defaults {losses['defaults']}, previous {losses['previous']}")
+    step_ratio = (sum(step_seconds(r) for r, _ in runs["defaults"]) / sum(step_seconds(r) for r, _ in runs["previous"]))
 
-    # ---- 2. tree vs chains on the same questions and the same leaf budget
-    import torch  # noqa: F401  (after the thread settings)
+    # ---- 2. the rollout of train.py's defaults, then the same contexts in one plain vLLM call
+    import torch
 
     from transformers import AutoTokenizer
 
@@ -78,26 +99,74 @@ def main() -> None:
                     max_length=settings.max_length)
     tasks = random.Random(0).sample(load_tasks(DEFAULT_TASK_DIR / "train.jsonl"), args.questions)
     prompts = [build_prompt(tokenizer, t.question) for t in tasks]
-    leaves = args.m + args.l * args.k
-    results = {"tree": [], "chains": []}
+    generate = train.make_generate(llm, settings, random.Random(0), settings.temperature)
+    contexts = []
+
+    def recording_generate(batch):
+        contexts.extend(batch)
+        return generate(batch)
+
+    start = time.perf_counter()
+    trees = grow_trees(prompts, tasks, recording_generate, env.step, m=settings.m, l=settings.l, k=settings.k,
+                       mode="entropy", rng=random.Random(0))
+    rollout_seconds = time.perf_counter() - start
+    rollout_tokens = sum(len(n.token_ids) for t in trees for n in t.nodes)
+    plain = train.make_generate(llm, settings, random.Random(0), settings.temperature)
+    llm.reset_prefix_cache()
+    start = time.perf_counter()
+    plain_tokens = sum(len(ids) for ids, _ in plain(contexts))
+    plain_seconds = time.perf_counter() - start
+    rollout_speed, plain_speed = rollout_tokens / rollout_seconds, plain_tokens / plain_seconds
+    print(f"rollout, {args.questions} trees of train.py's defaults: {rollout_tokens} tokens in {rollout_seconds:.1f} s, "
+          f"{rollout_speed:.0f} tok/s over {len(contexts)} contexts; plain vLLM, the same contexts in one call: "
+          f"{plain_tokens} tokens in {plain_seconds:.1f} s, {plain_speed:.0f} tok/s")
+
+    # ---- 3. the update's FLOP/s beside a plain matmul's, on the update's threads
+    model = train.load_policy(path, torch.device("cpu")).train()
+    model.config.use_cache = False
+    rows, _ = train.training_rows(trees[: settings.micro_batch], settings)
+    tokens = len(train.pack_trees(trees[: settings.micro_batch]).input_ids)
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)  # the per-token matmuls
+    with train.update_threads(settings):
+        threads = torch.get_num_threads()
+        train.response_log_probs(model, rows, trees, settings, torch.device("cpu"), 2).sum().backward()  # warm-up
+        start = time.perf_counter()
+        train.response_log_probs(model, rows, trees, settings, torch.device("cpu"), 2).sum().backward()
+        update_seconds = time.perf_counter() - start
+        a = torch.randn(2048, 2048)
+        a @ a
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        matmul_flops = 5 * 2 * 2048**3 / (time.perf_counter() - start)
+    answer_tokens = sum(sum(r["traj"].response_mask) for r in rows)
+    update_flops = (6 * body * tokens + 6 * model.config.vocab_size * model.config.hidden_size * answer_tokens) / update_seconds
+    print(f"update, forward+backward of {settings.micro_batch} packed trees ({tokens} tokens, {threads} threads): "
+          f"{update_seconds:.1f} s, {update_flops / 1e9:.1f} GFLOP/s; plain 2048x2048 float32 matmul "
+          f"{matmul_flops / 1e9:.1f} GFLOP/s; update / matmul {update_flops / matmul_flops:.2f}")
+
+    # ---- 4. tree vs chains on the same questions and the same leaf budget
+    leaves = settings.m + settings.l * settings.k
+    results = {"entropy": [], "chains": []}
     for repeat in range(args.repeats):
-        for mode in ("entropy", "chains"):
+        for mode in results:
             rng = random.Random(repeat)
             start = time.perf_counter()
-            trees = grow_trees(prompts, tasks, train.make_generate(llm, settings, rng, 1.0), env.step,
-                               m=args.m, l=args.l, k=args.k, mode=mode, rng=rng)
+            grown = grow_trees(prompts, tasks, train.make_generate(llm, settings, rng, 1.0), env.step,
+                               m=settings.m, l=settings.l, k=settings.k, mode=mode, rng=rng)
             seconds = time.perf_counter() - start
-            generated = sum(len(n.token_ids) for t in trees for n in t.nodes)
-            assert all(len(t.leaves()) == leaves for t in trees)
-            results["tree" if mode == "entropy" else "chains"].append((generated, seconds))
-    tree_tokens = sum(g for g, _ in results["tree"])
-    chain_tokens = sum(g for g, _ in results["chains"])
-    tree_time = sum(s for _, s in results["tree"])
-    chain_time = sum(s for _, s in results["chains"])
-    print(f"tree (M={args.m}, L={args.l}, K={args.k}) vs {leaves} chains, {args.questions} questions x {args.repeats} repeats, policy {path}")
-    print(f"  generated tokens: tree {tree_tokens / args.repeats:.0f}, chains {chain_tokens / args.repeats:.0f} per repeat")
-    print(f"  tree / chains tokens: {tree_tokens / chain_tokens:.2f}x (goal <= 0.6x)")
-    print(f"  tree / chains wall time: {tree_time / chain_time:.2f}x")
+            assert all(len(t.leaves()) == leaves for t in grown)
+            results[mode].append((sum(len(n.token_ids) for t in grown for n in t.nodes), seconds))
+    tree_tokens, chain_tokens = (sum(g for g, _ in results[m]) for m in results)
+    tree_time, chain_time = (sum(s for _, s in results[m]) for m in results)
+    print(f"tree (M={settings.m}, L={settings.l}, K={settings.k}) vs {leaves} chains, {args.questions} questions x "
+          f"{args.repeats} repeats: generated tokens per repeat tree {tree_tokens / args.repeats:.0f}, chains "
+          f"{chain_tokens / args.repeats:.0f}; tree / chains tokens {tree_tokens / chain_tokens:.2f}x (goal <= 0.6x), "
+          f"wall time {tree_time / chain_time:.2f}x")
+
+    print(f"peak resident memory of a default step: {max(rss for _, rss in runs['defaults']):.2f} GiB (goal < 8 GiB)")
+    print(f"step time, defaults / previous defaults (1 update thread, gradient checkpointing): {step_ratio:.2f}x (goal <= 0.5x)")
+    print(f"rollout tokens/s / plain vLLM tokens/s on the same prompts: {rollout_speed / plain_speed:.2f}x (goal >= 0.8x)")
 
 
 if __name__ == "__main__":

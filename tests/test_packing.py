@@ -243,3 +243,46 @@ def test_units_of_several_trees_in_any_order(model, tokenizer):
     assert ((by_tree - by_path) * mask).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="each tree's rows together"):
         train.response_log_probs(model, unit[1:], trees, train.Args(packing="tree", dtype="float32"), torch.device("cpu"), 2)
+
+
+def test_update_threads_change_no_gradient(model, tokenizer):
+    import train
+
+    tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"])
+    before = torch.get_num_threads()
+    with train.update_threads(train.Args(update_threads=1)):
+        assert torch.get_num_threads() == 1
+        lp_one, g_one = loss_and_grads(model, [tree], "tree")
+    with train.update_threads(train.Args(update_threads=2)):
+        assert torch.get_num_threads() == 2
+        lp_two, g_two = loss_and_grads(model, [tree], "tree")
+    assert torch.get_num_threads() == before
+    assert (lp_one - lp_two).abs().max().item() <= 1e-5
+    assert ((g_one - g_two).norm() / g_one.norm()).item() <= 1e-5
+
+
+def test_demo_nll_is_the_token_mean_cross_entropy_of_the_model_turns(model, tokenizer):
+    import torch.nn.functional as F
+
+    import train
+
+    demos = [
+        {"question": "In which town was Mobin Pigubor born?", "segments": [
+            ["model", "<search> Mobin Pigubor </search>"], ["env", OBS], ["model", "<answer> Sirun </answer>"]]},
+        {"question": "Who is Mobin Pigubor?", "segments": [["model", "<answer> a librarian </answer>"]]},
+    ]
+    rows = [train.demo_row(tokenizer, d) for d in demos]
+    args = train.Args(dtype="float32", gradient_checkpointing="off")
+    tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
+    # micro-batches of one transcript each add up to the batch's token mean
+    nll = sum(train.demo_nll(model, [r], tokens, args, torch.device("cpu"), pad_id=2).item() for r in rows)
+    # by hand: the plain forward's cross-entropy on every model token (labels shifted by one), one transcript at a time
+    total = 0.0
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor(r["ids"])
+            logits = model(input_ids=ids[None]).logits[0, :-1]
+            ce = F.cross_entropy(logits.float(), ids[1:], reduction="none")
+            total += (ce * torch.tensor(r["loss_mask"][1:])).sum().item()
+    assert tokens == sum(len(tokenizer.encode(t, add_special_tokens=False)) for d in demos for role, t in d["segments"] if role == "model")
+    assert abs(nll - total / tokens) <= 1e-4

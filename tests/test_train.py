@@ -84,6 +84,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
     with pytest.raises(SystemExit, match="--k must be >= 1"):
         check_args(Args(k=0))
+    with pytest.raises(SystemExit, match="--demo-coef must be >= 0"):
+        check_args(Args(demo_coef=-1.0))
+    with pytest.raises(SystemExit, match="--update-threads must be >= 0"):
+        check_args(Args(update_threads=-1))
     with pytest.raises(SystemExit, match="no such file: .*missing.jsonl"):
         check_args(Args(train_data=str(tmp_path / "missing.jsonl")))
     with pytest.raises(SystemExit, match="--num-minibatches 99 is more than the 2 trees of a step"):
@@ -118,6 +122,7 @@ def test_two_steps_then_resume(tmp_path):
     tiny = ["--output-dir", str(out), "--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3",
             "--max-turn-tokens", "48", "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2",
             "--eval-every", "100", "--save-every", "1", "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
+            "--demo-coef", "0.1",
             "--seed", "3"]
 
     def run(*extra):
@@ -142,6 +147,8 @@ def test_two_steps_then_resume(tmp_path):
     # step 1 trains the start policy itself: KL 0 exactly; step 2's policy has moved away from it
     assert steps[0]["kl_to_start"] == 0.0
     assert steps[1]["kl_to_start"] > 0 or steps[0]["trees_trained"] == 0
+    # --demo-coef: every update also trained on gold transcripts (a step without a kept tree takes no update)
+    assert all((r["demo_nll"] > 0) == (r["trees_trained"] > 0) for r in steps)
 
     from safetensors.torch import load_file
 

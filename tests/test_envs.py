@@ -247,6 +247,11 @@ def test_http_client_and_server_agree_with_in_process_bm25(retrieval_server, def
     assert hit["document"]["contents"].startswith("Mobin Pigubor\n")
     plain = requests.post(retrieval_server, json={"queries": queries[:1], "topk": 2}, timeout=10).json()
     assert plain["result"][0][0] == hit["document"]  # without scores, Search-R1 returns the documents themselves
+    default_k = requests.post(retrieval_server, json={"queries": queries[:1], "topk": None}, timeout=10).json()
+    assert default_k["result"][0][:2] == plain["result"][0] and len(default_k["result"][0]) == 3  # null: k = 3
+    bad = requests.post(retrieval_server, json={"queries": queries[:1], "topk": 0}, timeout=10)
+    assert bad.status_code == 400 and "topk must be >= 1" in bad.json()["detail"]
+    assert requests.post(retrieval_server, json={"topk": 2}, timeout=10).status_code == 422  # no queries
     client = HttpRetriever(retrieval_server, batch_size=2)  # 3 queries: two requests
     got, want = client.search(queries, 3), default_retriever.search(queries, 3)
     assert [[(p.id, p.contents) for p in hits] for hits in got] == [[(p.id, p.contents) for p in hits] for hits in want]

@@ -17,10 +17,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 import shutil
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,6 +56,8 @@ class Args:
     """log to Weights & Biases (set WANDB_MODE=offline to log without a network)"""
     wandb_project: str = "atpo"
     """the wandb project"""
+    verbose: bool = False
+    """show the engine's own logging and every third-party warning (by default the known-harmless ones are hidden)"""
 
     # model and engine
     model: str = "default"
@@ -225,6 +230,67 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: " + "; ".join(problems))
 
 
+# third-party messages known to be harmless here, hidden unless --verbose
+HARMLESS = (
+    "The global random seed is set",  # every request carries its own seed (make_generate)
+    "does not officially support disabling chunked prefill",  # disabled on purpose on the CPU (cpu_settings)
+    "Enforce eager set", "Inductor compilation was disabled",  # eager mode on purpose (start_engine)
+    "Triton is not installed", "Model Runner V2 requires Triton", "Triton not available",  # the CPU build has no Triton
+    "is not found in LD_PRELOAD",  # optional allocator / OpenMP preloads, a speed hint
+    "`torch.set_num_threads` after the thread binding",  # the update sets its threads through SET_NUM_THREADS
+    "Failed to load weights",  # a weight sync has no rotary buffers and no tied lm_head to send (test_train checks it)
+    "NUMA binding: Using MEMBIND policy",  # the CPU engine keeps its memory on its NUMA node, as it should
+)
+
+
+class HideHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(message in record.getMessage() for message in HARMLESS)
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """The console shows our own lines: vLLM logs warnings and errors only, through a handler that drops the
+    HARMLESS ones, as do torch's Triton probe, vLLM's deprecated torch call and the model-loading progress bars.
+    With --verbose, all of it as the libraries print it."""
+    if verbose:
+        return
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # vLLM leaves its logger to us
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(HideHarmless())
+    engine_logger = logging.getLogger("vllm")
+    engine_logger.addHandler(handler)
+    engine_logger.setLevel(logging.WARNING)
+    engine_logger.propagate = False
+    logging.getLogger("torch._library.triton").addFilter(HideHarmless())
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def harmless_stderr_hidden(verbose: bool):
+    """C++ code (the CPU engine's NUMA set-up) writes to the stderr file descriptor itself: inside, that output is
+    collected, and on leaving every line of it not in HARMLESS is passed on."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as collected:
+        os.dup2(collected.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            collected.seek(0)
+            sys.stderr.writelines(line for line in collected.read().decode(errors="replace").splitlines(True)
+                                  if not any(message in line for message in HARMLESS))
+
+
 def resolve_dtype(dtype: str) -> str:
     """--dtype auto -> bfloat16 where the hardware computes it natively, float32 elsewhere."""
     if dtype != "auto":
@@ -262,17 +328,19 @@ def start_engine(path: str, args: Args):
     from vllm import LLM
 
     on_cpu = not torch.cuda.is_available()
-    return LLM(
-        model=path,
-        dtype=args.dtype,
-        seed=args.seed,
-        enforce_eager=True,  # compiled mode took ~96 s to start on the CPU for ~1.4x faster generation
-        enable_prefix_caching=True,
-        max_model_len=args.max_length,
-        kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30),
-        generation_config="vllm",  # no sampling defaults from the model folder: we set them all
-        **(cpu_settings(args) if on_cpu else {"gpu_memory_utilization": args.gpu_memory_utilization}),
-    )
+    with harmless_stderr_hidden(args.verbose):
+        return LLM(
+            model=path,
+            dtype=args.dtype,
+            seed=args.seed,
+            enforce_eager=True,  # compiled mode took ~96 s to start on the CPU for ~1.4x faster generation
+            enable_prefix_caching=True,
+            max_model_len=args.max_length,
+            kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30),
+            generation_config="vllm",  # no sampling defaults from the model folder: we set them all
+            use_tqdm_on_load=args.verbose,
+            **(cpu_settings(args) if on_cpu else {"gpu_memory_utilization": args.gpu_memory_utilization}),
+        )
 
 
 def cpu_settings(args: Args) -> dict:
@@ -614,6 +682,7 @@ def write_trees(path: Path, records: list[dict]) -> None:
 
 def main() -> None:
     args = tyro.cli(Args)
+    quiet_third_party(args.verbose)
     args.dtype = resolve_dtype(args.dtype)
     check_args(args)
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file line by line

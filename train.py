@@ -36,6 +36,7 @@ import tyro
 from atpo_credit import ADV_MODES, VALUE_MODES, backup, token_advantages
 from atpo_loss import kl_penalty, policy_loss
 from atpo_tree import PackedTrees, Tree, grow_trees, pack_trees, tree_attention
+from curves import draw_curves, load_metrics
 from default_model import cache_dir, default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
 
@@ -360,7 +361,7 @@ def push_weights(llm, model: torch.nn.Module, dtype: torch.dtype) -> None:
     llm.reset_prefix_cache()
 
 
-def make_generate(llm, args: Args, seeds: random.Random, temperature: float, progress=None):
+def make_generate(llm, args: Args, seeds: random.Random, temperature: float):
     """The `generate` callable of grow_trees: one sampled turn per context, with the sampler's log-probs."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -379,8 +380,6 @@ def make_generate(llm, args: Args, seeds: random.Random, temperature: float, pro
             sample = out.outputs[0]
             ids = list(sample.token_ids)
             turns.append((ids, [lp[t].logprob for t, lp in zip(ids, sample.logprobs)]))
-        if progress is not None:
-            progress.update(sum(len(t[0]) for t in turns))
         return turns
 
     return generate
@@ -571,11 +570,25 @@ def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, d
 # Warm start and evaluation
 
 
-def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temperature: float, seed: int) -> dict[str, float]:
+def progress_bar(**kwargs):
+    """A tqdm bar with an ETA; redrawn at most once a minute when the console is a file, so a log stays readable."""
+    from tqdm import tqdm
+
+    return tqdm(mininterval=0.5 if sys.stderr.isatty() else 60, dynamic_ncols=True, **kwargs)
+
+
+def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temperature: float, seed: int,
+             desc: str = "evaluation") -> dict[str, float]:
     """One episode per question (greedy when temperature is 0); EM overall and per data source, and how the model acts."""
     prompts = [build_prompt(tokenizer, t.question) for t in tasks]
     generate = make_generate(llm, args, random.Random(seed), temperature)
-    trees = grow_trees(prompts, tasks, generate, env.step, m=1, l=0, mode="chains")
+    with progress_bar(total=len(tasks), desc=desc, unit="question", leave=False) as bar:
+        def step(requests):
+            results = env.step(requests)
+            bar.update(sum(r.done for r in results))
+            return results
+
+        trees = grow_trees(prompts, tasks, generate, step, m=1, l=0, mode="chains")
     metrics: dict[str, list[float]] = {}
     for task, tree in zip(tasks, trees):
         turns = [tree.nodes[n] for n in tree.path(tree.leaves()[0])]
@@ -626,7 +639,8 @@ def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.de
     one_hop = [d for d in demos if d["data_source"] != "default-2hop"] or two_hop
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr)
     losses = []
-    for step in range(args.sft_steps):
+    bar = progress_bar(iterable=range(args.sft_steps), desc="warm start", unit="step")
+    for step in bar:
         batch = [rng.choice(two_hop if two_hop and rng.random() < args.sft_two_hop_frac else one_hop) for _ in range(args.sft_batch)]
         rows = [demo_row(tokenizer, d) for d in batch]
         tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
@@ -639,7 +653,7 @@ def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.de
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         losses.append(total)
-        print(f"warm start {step + 1}/{args.sft_steps}: loss {total:.4f}")
+        bar.set_postfix(loss=f"{total:.4f}")
     return losses
 
 
@@ -677,10 +691,30 @@ def write_trees(path: Path, records: list[dict]) -> None:
     path.write_text(json.dumps(records, indent=1))
 
 
+def summary(rows: list[dict], output_dir: Path, seconds: float) -> str:
+    """The end-of-run report: held-out scores at the first and the last evaluation, time and tokens, the files."""
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    steps = [r for r in rows if "loss" in r]
+    lines = [f"summary: {len(steps)} RL steps logged, {seconds / 60:.1f} min in this process, "
+             f"{sum(r['generated_tokens'] for r in steps):,} tokens generated"]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(f"  {'held-out (greedy)':30s} {'step ' + str(first['step']):>10s} {'step ' + str(last['step']):>10s}")
+        for name in sorted(k for k in last if k.startswith("eval/")):
+            lines.append(f"  {name[5:]:30s} {first.get(name, float('nan')):10.3f} {last[name]:10.3f}")
+    trees = sorted((output_dir / "trees").glob("step_*.json"))
+    lines += [f"  checkpoint  {output_dir / 'checkpoint'}",
+              f"  metrics     {output_dir / 'metrics.jsonl'}  (curves: {output_dir / 'curves.png'})"]
+    if trees:
+        lines.append(f"  trees       {output_dir / 'trees'}  (draw one: .venv/bin/python tree_picture.py {trees[-1]} --out tree.png)")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
+    run_start = time.time()
     args = tyro.cli(Args)
     quiet_third_party(args.verbose)
     args.dtype = resolve_dtype(args.dtype)
@@ -696,7 +730,14 @@ def main() -> None:
 
     # ---- data
     train_tasks, test_tasks = load_tasks(args.train_data), load_tasks(args.test_data)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    leaves = args.m + args.l * args.k
+    print(f"atpo: {'SmolLM2-135M-Instruct (the default model)' if args.model == 'default' else args.model}, "
+          f"{len(train_tasks)} training / {len(test_tasks)} test questions from {Path(args.train_data).parent}; "
+          f"{'a warm start on gold transcripts (cached after the first run), then ' if wants_sft(args) else ''}"
+          f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of {leaves} leaves; "
+          f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {output_dir} "
+          f"(progress bars show the time left)")
+    from transformers import AutoTokenizer
 
     base_path = default_model_path() if args.model == "default" else args.model
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -787,13 +828,12 @@ def main() -> None:
         if args.track:
             wandb.log(record, step=record["step"])
 
-    from tqdm import tqdm
-
+    bar = progress_bar(total=args.total_steps, initial=start_step, desc="RL", unit="step")
     for step in range(start_step + 1, args.total_steps + 1):
         if eval_tasks and (step - 1) % args.eval_every == 0:
             t0 = time.time()
             scores = evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed)
-            print(f"eval before step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f"  ({time.time() - t0:.0f}s)")
+            bar.write(f"eval before step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f"  ({time.time() - t0:.0f}s)")
             log({"step": step - 1, **{f"eval/{k}": v for k, v in scores.items()}})
 
         # ---- 1. rollout: one turn-level tree per question (spec §1); every request seeded from (seed, step).
@@ -813,14 +853,13 @@ def main() -> None:
             env_seconds[0] += time.time() - start
             return results
 
-        with tqdm(desc=f"step {step} rollout", unit="tok", leave=False) as progress:
-            generate = make_generate(llm, args, step_rng, args.temperature, progress)
+        generate = make_generate(llm, args, step_rng, args.temperature)
 
-            def grow(tasks: list[Task]) -> list[Tree]:
-                return grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks, generate, timed_step,
-                                  m=args.m, l=args.l, k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
+        def grow(tasks: list[Task]) -> list[Tree]:
+            return grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks, generate, timed_step,
+                              m=args.m, l=args.l, k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
 
-            drawn, trees = draw_trees(queues, wanted, grow, args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
+        drawn, trees = draw_trees(queues, wanted, grow, args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
         t_rollout = time.time() - t0
 
         # ---- 2. credit: leaf rewards -> node values -> turn advantages (spec §2) -> one training row per leaf
@@ -915,7 +954,8 @@ def main() -> None:
             "time/train": t_train, "time/sync": t_sync,
         }
         log(record)
-        print(
+        bar.update(1)
+        bar.write(
             f"step {step:4d} reward {record['reward_mean']:.3f} em {record['em']:.3f} turns {record['turns']:.2f} "
             f"trees {len(trees)}/{len(drawn)} gen_tokens {record['generated_tokens']} loss {record['loss']:+.4f} "
             f"kl_to_start {record['kl_to_start']:.4f} clip {record['clip_frac']:.3f} "
@@ -926,12 +966,18 @@ def main() -> None:
         if step % args.save_every == 0 or step == args.total_steps:
             save_checkpoint(args, step, model, tokenizer, optimizer)
 
+    bar.close()
     if eval_tasks:
         scores = evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed)
         print("final eval: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         log({"step": args.total_steps, **{f"eval/{k}": v for k, v in scores.items()}})
     if args.track:
         wandb.finish()
+
+    # ---- 6. the run in one table, its files, its curves
+    rows = load_metrics(metrics_path)
+    draw_curves(rows, output_dir / "curves.png")
+    print(summary(rows, output_dir, time.time() - run_start))
 
 
 if __name__ == "__main__":

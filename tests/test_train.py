@@ -128,9 +128,13 @@ def test_two_steps_then_resume(tmp_path):
     def run(*extra):
         proc = subprocess.run([sys.executable, "train.py", *tiny, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        # the console holds our own lines: no third-party warning (they are hidden unless --verbose)
+        warned = [line for line in (proc.stdout + proc.stderr).splitlines() if re.search(r"warn", line, re.IGNORECASE)]
+        assert not warned, warned
         return proc.stdout
 
     first = run("--total-steps", "2")
+    assert "summary: 2 RL steps logged" in first and (out / "curves.png").stat().st_size > 10_000
     warm_start_dir = Path(re.search(r"cached in (\S+?)\)", first).group(1))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]

@@ -196,8 +196,8 @@ class BM25Retriever:
         words = bm25s.tokenize(list(queries), return_ids=False, show_progress=False)
         results = []
         for query_words, row_ids, row_scores in zip(words, doc_ids, scores):
-            if pool < len(self.corpus) and row_scores[k - 1] == row_scores[pool - 1]:
-                # the k-th score's ties may reach past the candidates: score every passage
+            if pool < len(self.corpus) and row_scores[k - 1] > 0 and row_scores[k - 1] == row_scores[pool - 1]:
+                # the k-th score's ties may reach past the candidates: score every passage (ties at 0 are dropped)
                 row_scores = self.index.get_scores(query_words)
                 row_ids = np.arange(len(row_scores))
             # ties in corpus order, not in the order a SIMD top-k happens to leave them (it differs between CPUs)
@@ -214,8 +214,9 @@ class RetrievalError(RuntimeError):
 
 class HttpRetriever:
     """Client of the Search-R1 retrieval protocol: POST {url} with {"queries", "topk", "return_scores": true},
-    answer {"result": [[{"document": {"contents", ...}, "score"}, ...], ...]}. Bounded retries with exponential
-    backoff; after that a RetrievalError naming the URL, never an empty result."""
+    answer {"result": [[{"document": {"contents", ...}, "score"}, ...], ...]}. Transient failures (connection,
+    timeout, 5xx, 429) get bounded retries with exponential backoff; a refusal (any other 4xx) is a RetrievalError
+    at once, with the server's message. After the retries, a RetrievalError naming the URL, never an empty result."""
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5, batch_size: int = 512):
         import requests
@@ -230,6 +231,9 @@ class HttpRetriever:
         for attempt in range(self.retries + 1):
             try:
                 response = self.session.post(self.url, json=payload, timeout=self.timeout)
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    raise RetrievalError(f"retrieval server {self.url} refused the request "
+                                         f"({response.status_code}): {response.text[:500]}")
                 response.raise_for_status()
                 return self._parse(response.json(), len(queries))
             except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as err:

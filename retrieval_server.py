@@ -6,14 +6,16 @@
 
 Request:  {"queries": [str, ...], "topk": int (null or left out: 3), "return_scores": bool}
 Response: {"result": [[{"document": {"id": str, "contents": str}, "score": float}, ...], ...]}
-          (without return_scores, each hit is the document itself). A request it cannot serve gets a 4xx and a
-          message: 422 for a malformed body (FastAPI's validation), 400 for topk < 1.
+          (without return_scores, each hit is the document itself). A request it cannot serve gets a 422 and a
+          message: a malformed body, topk outside 1..--max-topk, more than --max-queries queries, a query longer
+          than --max-query-chars characters. An error inside answers 500 with a one-line message, no traceback.
 Binds to 127.0.0.1 unless told otherwise.
 """
 
 import argparse
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from envs import BM25Retriever
@@ -27,14 +29,26 @@ class RetrieveRequest(BaseModel):
     return_scores: bool = False
 
 
-def make_app(retriever: BM25Retriever) -> FastAPI:
+def make_app(retriever: BM25Retriever, max_topk: int = 50, max_queries: int = 1024, max_query_chars: int = 2000) -> FastAPI:
     app = FastAPI(title="atpo retrieval server")
+
+    @app.exception_handler(Exception)
+    def internal_error(request: Request, err: Exception) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"detail": f"retrieval failed: {type(err).__name__}"})
 
     @app.post("/retrieve")
     def retrieve(request: RetrieveRequest) -> dict:
         topk = DEFAULT_TOPK if request.topk is None else request.topk
-        if topk < 1:
-            raise HTTPException(status_code=400, detail=f"topk must be >= 1, got {topk}")
+        problems = []
+        if not 1 <= topk <= max_topk:
+            problems.append(f"topk must be in 1..{max_topk}, got {topk}")
+        if len(request.queries) > max_queries:
+            problems.append(f"at most {max_queries} queries per request, got {len(request.queries)}")
+        longest = max(map(len, request.queries), default=0)
+        if longest > max_query_chars:
+            problems.append(f"a query has at most {max_query_chars} characters, got one of {longest}")
+        if problems:
+            raise HTTPException(status_code=422, detail="; ".join(problems))
         results = retriever.search(request.queries, topk)
         if request.return_scores:
             return {"result": [[{"document": {"id": p.id, "contents": p.contents}, "score": p.score} for p in hits] for hits in results]}
@@ -51,8 +65,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--cache-dir", default=None, help="where the BM25 index is cached (default: $ATPO_CACHE/bm25)")
+    parser.add_argument("--max-topk", type=int, default=50, help="largest topk served")
+    parser.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
+    parser.add_argument("--max-query-chars", type=int, default=2000, help="longest query served, in characters")
     args = parser.parse_args()
-    uvicorn.run(make_app(BM25Retriever(args.corpus, cache_dir=args.cache_dir)), host=args.host, port=args.port, log_level="warning")
+    app = make_app(BM25Retriever(args.corpus, cache_dir=args.cache_dir), args.max_topk, args.max_queries, args.max_query_chars)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ def test_bm25_finds_the_gold_passage(default_retriever):
         assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
         assert row["hops"][0][1] in {p.id for p in hits}, row["question"]
     assert default_retriever.search(["zzzzqqq"], 3) == [[]]  # no known word: no arbitrary passages
+    assert default_retriever.search(["q", "the", "", "  "], 3) == [[], [], [], []]  # no word left after tokenising
     assert default_retriever.search([], 3) == []
 
 
@@ -249,8 +250,14 @@ def test_http_client_and_server_agree_with_in_process_bm25(retrieval_server, def
     assert plain["result"][0][0] == hit["document"]  # without scores, Search-R1 returns the documents themselves
     default_k = requests.post(retrieval_server, json={"queries": queries[:1], "topk": None}, timeout=10).json()
     assert default_k["result"][0][:2] == plain["result"][0] and len(default_k["result"][0]) == 3  # null: k = 3
-    bad = requests.post(retrieval_server, json={"queries": queries[:1], "topk": 0}, timeout=10)
-    assert bad.status_code == 400 and "topk must be >= 1" in bad.json()["detail"]
+    for body, message in [({"queries": queries[:1], "topk": 0}, "topk must be in 1..50, got 0"),
+                          ({"queries": queries[:1], "topk": 100_000}, "topk must be in 1..50, got 100000"),
+                          ({"queries": ["q"] * 1025}, "at most 1024 queries per request, got 1025"),
+                          ({"queries": ["q" * 2001]}, "a query has at most 2000 characters, got one of 2001")]:
+        refused = requests.post(retrieval_server, json=body, timeout=10)
+        assert refused.status_code == 422 and message in refused.json()["detail"]
+        with pytest.raises(RetrievalError, match=f"refused the request \\(422\\).*{message}"):  # at once, no retry
+            HttpRetriever(retrieval_server, retries=0, batch_size=2000).search(body["queries"], body.get("topk", 3))
     assert requests.post(retrieval_server, json={"topk": 2}, timeout=10).status_code == 422  # no queries
     client = HttpRetriever(retrieval_server, batch_size=2)  # 3 queries: two requests
     got, want = client.search(queries, 3), default_retriever.search(queries, 3)
@@ -300,6 +307,20 @@ def test_http_retries_then_succeeds():
     with ToyServer(lambda n, payload: (503, "busy") if n <= 2 else (200, good_body(payload))) as server:
         hits = HttpRetriever(server.url, retries=2, backoff=0.01).search(["q"], 1)
         assert server.calls == 3 and hits == [[Passage("1", "T\nq", 1.0)]]
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_http_refusal_is_not_retried(status):
+    with ToyServer(lambda n, payload: (status, {"detail": "no such thing"})) as server:
+        with pytest.raises(RetrievalError, match=f"refused the request \\({status}\\).*no such thing"):
+            HttpRetriever(server.url, retries=3, backoff=0.01).search(["q"], 1)
+        assert server.calls == 1
+
+
+def test_http_too_many_requests_is_retried():
+    with ToyServer(lambda n, payload: (429, "slow down") if n == 1 else (200, good_body(payload))) as server:
+        assert HttpRetriever(server.url, retries=1, backoff=0.01).search(["q"], 1) == [[Passage("1", "T\nq", 1.0)]]
+        assert server.calls == 2
 
 
 def test_http_gives_up_with_a_clear_error():

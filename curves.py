@@ -19,8 +19,17 @@ PANELS = [  # (title, metric name prefixes): every metric starting with a prefix
 
 
 def load_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl: per-step rows (with "loss") and evaluation rows (with "eval/...")."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl: per-step rows (with "loss") and evaluation rows (with "eval/..."). A torn last
+    line (a run killed while writing it) is left out; a broken line before it is an error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({err}), and it is not the last line") from None
+    return rows
 
 
 def series(rows: list[dict], prefix: str) -> dict[str, tuple[list[int], list[float]]]:

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import sys
@@ -41,6 +42,7 @@ from default_model import cache_dir, default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
 
 STOP = ["</search>", "</answer>"]
+MAX_NONFINITE_IN_A_ROW = 3  # steps whose update had a non-finite loss or gradient, in a row, before the run stops
 SET_NUM_THREADS = torch.set_num_threads  # vLLM's CPU worker replaces torch.set_num_threads by a no-op: keep the real one
 
 
@@ -425,6 +427,15 @@ def training_rows(trees: list[Tree], args: Args) -> tuple[list[dict], list[tuple
             rows.append({"tree": t, "traj": traj, "advantages": advantages.tolist(),
                          "info": tree.nodes[traj.leaf].info, "turns": len(tree.path(traj.leaf))})
     return rows, credit
+
+
+def clip_and_step(model, optimizer, max_grad_norm: float) -> float:
+    """Clip the gradient norm and take the optimizer step, unless the gradient holds a NaN or inf (one such step
+    would ruin every weight): then no step. Returns the gradient norm before clipping (non-finite when skipped)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    if math.isfinite(norm):
+        optimizer.step()
+    return norm
 
 
 def mean(values: list[float]) -> float:
@@ -813,9 +824,9 @@ def main() -> None:
         start_step = state["step"]
         print(f"resumed from {output_dir / 'checkpoint'} at step {start_step}")
     metrics_path = output_dir / "metrics.jsonl"
-    if metrics_path.exists():  # keep the rows up to the resumed step; a fresh run starts a fresh file
-        kept = [r for r in metrics_path.read_text().splitlines() if args.resume and json.loads(r)["step"] <= start_step]
-        metrics_path.write_text("".join(r + "\n" for r in kept))
+    if metrics_path.exists():  # keep the rows up to the resumed step (a torn last line goes); a fresh run starts afresh
+        kept = [r for r in load_metrics(metrics_path) if r["step"] <= start_step] if args.resume else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if args.track:
         import wandb
 
@@ -829,6 +840,7 @@ def main() -> None:
             wandb.log(record, step=record["step"])
 
     bar = progress_bar(total=args.total_steps, initial=start_step, desc="RL", unit="step")
+    nonfinite_in_a_row = 0
     for step in range(start_step + 1, args.total_steps + 1):
         if eval_tasks and (step - 1) % args.eval_every == 0:
             t0 = time.time()
@@ -890,6 +902,7 @@ def main() -> None:
                 t_old = time.time() - t0
             order = step_rng.sample(range(len(groups)), len(groups))
             losses, clip_fracs, kls, kls_to_start, mismatch, grad_norms, demo_nlls = [], [], [], [], [], [], []
+            skipped_updates = 0
             for mb in range(args.num_minibatches if trees else 0):  # no tree kept: no update
                 minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
                 live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
@@ -926,8 +939,8 @@ def main() -> None:
                 for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
                     if param.grad is None:
                         param.grad = torch.zeros_like(param)
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
-                optimizer.step()
+                grad_norms.append(clip_and_step(model, optimizer, args.max_grad_norm))
+                skipped_updates += not math.isfinite(grad_norms[-1])
         t_train = time.time() - t0 - t_old  # the update alone
 
         # ---- 4. weight sync into the running engine
@@ -950,6 +963,7 @@ def main() -> None:
             "approx_kl": mean(kls),
             "vllm_logprob_abs_diff": mean(mismatch),
             "grad_norm": mean(grad_norms),
+            "skipped_updates": skipped_updates,
             "time/rollout": t_rollout, "time/env": env_seconds[0], "time/credit": t_credit, "time/old_log_prob": t_old,
             "time/train": t_train, "time/sync": t_sync,
         }
@@ -961,6 +975,11 @@ def main() -> None:
             f"kl_to_start {record['kl_to_start']:.4f} clip {record['clip_frac']:.3f} "
             f"| rollout {t_rollout:.1f}s (env {env_seconds[0]:.1f}s) credit {t_credit:.2f}s train {t_train:.1f}s sync {t_sync:.1f}s"
         )
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped_updates else 0
+        if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            last = output_dir / "checkpoint"
+            raise SystemExit(f"error: a non-finite loss or gradient in {nonfinite_in_a_row} steps in a row (up to step {step}); "
+                             + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"))
         if save_trees:
             write_trees(output_dir / "trees" / f"step_{step:06d}.json", records)
         if step % args.save_every == 0 or step == args.total_steps:

@@ -20,3 +20,14 @@ def test_series_collects_each_metric_by_step_and_skips_missing(tmp_path):
     assert series(rows, "entropy/turn") == {"entropy/turn1": ([1, 2], [0.02, 0.04]), "entropy/turn2": ([2], [0.1])}
     draw_curves(rows, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_torn_last_line_is_left_out_and_a_torn_middle_line_is_an_error(tmp_path):
+    import pytest
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # killed while writing step 2
+    assert load_metrics(path) == [{"step": 1, "loss": 0.5}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.5}\n')
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        load_metrics(path)

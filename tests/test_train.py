@@ -5,6 +5,7 @@ start-up fails once bm25s (numba/llvmlite) is imported, which other test modules
 """
 
 import json
+import math
 import os
 import re
 import socket
@@ -222,3 +223,20 @@ def test_rollout_stats_by_hand():
     # turn entropies: depth d has log-prob -0.1 d, so entropy 0.1 d at every depth
     assert stats["entropy/turn1"] == pytest.approx(0.1) and stats["entropy/turn3"] == pytest.approx(0.3)
     assert stats["generated_tokens"] == 9
+
+
+def test_a_non_finite_gradient_takes_no_step():
+    from train import clip_and_step
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
+    assert math.isnan(clip_and_step(model, optimizer, 1.0))
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # untouched, optimizer state too
+    assert optimizer.state == {} or all(not s for s in optimizer.state.values())
+    optimizer.zero_grad()
+    model(torch.tensor([[1.0, 2.0, 0.0]])).sum().backward()
+    norm = clip_and_step(model, optimizer, 1.0)
+    assert norm == pytest.approx(math.sqrt(2 * (1 + 4) + 2))  # d/dW of sum(Wx + b): x per output row, 1 per bias
+    assert not all(torch.equal(b, p) for b, p in zip(before, model.parameters()))

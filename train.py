@@ -222,7 +222,7 @@ def check_args(args: Args) -> None:
 
         if not isinstance(try_to_load_from_cache(args.model, "config.json"), str):
             problems.append(f"--model {args.model}: not a local folder nor in the Hugging Face cache (atpo never downloads)")
-    if args.resume and not (Path(args.output_dir) / "checkpoint" / "state.pt").exists():
+    if args.resume and last_checkpoint(args.output_dir) is None:
         problems.append(f"--resume: no checkpoint in {args.output_dir}/checkpoint")
     if args.retrieval_url and not problems:
         try:
@@ -672,16 +672,39 @@ def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.de
 # Checkpoints and trees on disk
 
 
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(args: Args, step: int, model, tokenizer, optimizer) -> None:
-    """HF folder of the policy + optimizer and step, written aside then moved into place."""
-    final = Path(args.output_dir) / "checkpoint"
-    tmp = Path(args.output_dir) / "checkpoint.tmp"
+    """HF folder of the policy + optimizer and step. Written aside and flushed to disk, then swapped in by two
+    renames, so that at every instant one complete checkpoint exists: `checkpoint/`, or mid-swap `checkpoint.old/`."""
+    output_dir = Path(args.output_dir)
+    final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": dataclasses.asdict(args)}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    for path in [*tmp.iterdir(), tmp]:
+        fsync(path)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    fsync(output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint of a run: `checkpoint/`, or `checkpoint.old/` when a kill came mid-swap; else None."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (Path(output_dir) / name / "state.pt").exists():
+            return Path(output_dir) / name
+    return None
 
 
 def tree_record(tree: Tree, values: torch.Tensor, advantages: torch.Tensor, tokenizer) -> dict:
@@ -761,7 +784,7 @@ def main() -> None:
     # ---- policy and engine: from the checkpoint, the cached warm start, or the base model
     sft_dir = warm_start_dir(args) if wants_sft(args) else None
     if args.resume:
-        policy_path = str(output_dir / "checkpoint")
+        policy_path = str(last_checkpoint(output_dir))
     elif sft_dir is not None and (sft_dir / "report.json").exists():
         policy_path = str(sft_dir)
     else:
@@ -819,10 +842,10 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start_step = 0
     if args.resume:
-        state = torch.load(output_dir / "checkpoint" / "state.pt", weights_only=False)
+        state = torch.load(Path(policy_path) / "state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
-        print(f"resumed from {output_dir / 'checkpoint'} at step {start_step}")
+        print(f"resumed from {policy_path} at step {start_step}")
     metrics_path = output_dir / "metrics.jsonl"
     if metrics_path.exists():  # keep the rows up to the resumed step (a torn last line goes); a fresh run starts afresh
         kept = [r for r in load_metrics(metrics_path) if r["step"] <= start_step] if args.resume else []
@@ -977,9 +1000,9 @@ def main() -> None:
         )
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped_updates else 0
         if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-            last = output_dir / "checkpoint"
+            last = last_checkpoint(output_dir)
             raise SystemExit(f"error: a non-finite loss or gradient in {nonfinite_in_a_row} steps in a row (up to step {step}); "
-                             + (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"))
+                             + (f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"))
         if save_trees:
             write_trees(output_dir / "trees" / f"step_{step:06d}.json", records)
         if step % args.save_every == 0 or step == args.total_steps:

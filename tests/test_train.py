@@ -240,3 +240,36 @@ def test_a_non_finite_gradient_takes_no_step():
     norm = clip_and_step(model, optimizer, 1.0)
     assert norm == pytest.approx(math.sqrt(2 * (1 + 4) + 2))  # d/dW of sum(Wx + b): x per output row, 1 per bias
     assert not all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monkeypatch):
+    from pathlib import Path as P
+
+    import train
+
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda path: (P(path).mkdir(parents=True), torch.save(model.state_dict(), P(path) / "w.pt"))
+    tokenizer = type("Tok", (), {"save_pretrained": lambda self, path: (P(path) / "tok.json").write_text("{}")})()
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = train.Args(output_dir=str(tmp_path))
+    assert train.last_checkpoint(tmp_path) is None
+    train.save_checkpoint(args, 1, model, tokenizer, optimizer)
+    assert train.last_checkpoint(tmp_path) == tmp_path / "checkpoint"
+    # a kill between the two renames of the next save: checkpoint/ is gone, checkpoint.old/ is complete
+    real_rename = P.rename
+
+    def killed_after_first_rename(self, target):
+        real_rename(self, target)
+        if P(target).name == "checkpoint.old":
+            raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(P, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(args, 2, model, tokenizer, optimizer)
+    monkeypatch.setattr(P, "rename", real_rename)
+    last = train.last_checkpoint(tmp_path)
+    assert last == tmp_path / "checkpoint.old" and torch.load(last / "state.pt", weights_only=False)["step"] == 1
+    train.check_args(train.Args(output_dir=str(tmp_path), resume=True))  # --resume finds it
+    train.save_checkpoint(args, 3, model, tokenizer, optimizer)  # the next save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 3

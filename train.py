@@ -156,8 +156,8 @@ class Args:
     """gold transcripts per update with --demo-coef"""
 
     # optimisation
-    total_steps: int = 100
-    """RL steps"""
+    total_steps: int = 20
+    """RL steps (the default run, warm start and evaluations included, is sized to end within an hour on 2 CPU cores)"""
     lr: float = 1e-5
     """AdamW learning rate (the paper uses 1e-6 for a 4B model)"""
     max_grad_norm: float = 1.0
@@ -177,9 +177,9 @@ class Args:
     whose activations would not fit in half the free memory"""
 
     # evaluation and checkpoints
-    eval_every: int = 10
+    eval_every: int = 20
     """evaluate every N steps (and before the first), greedy"""
-    eval_questions: int = 100
+    eval_questions: int = 300
     """held-out questions per evaluation (0: no evaluation)"""
     save_every: int = 10
     """checkpoint every N steps (and at the end)"""

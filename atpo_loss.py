@@ -1,6 +1,7 @@
 """The ATPO turn-level policy loss (AT²PO, arXiv 2601.04767, §3 of ATPO_SPEC.md), vectorised.
 
-Self-contained (torch only): copy this file into verl / TRL and call `policy_loss` where the PPO loss is.
+Self-contained (torch only): copy this file into TRL and call `policy_loss` where the PPO loss is, or use
+`token_losses` where a trainer aggregates the per-token loss itself (verl_atpo.py registers it with verl).
 
     turn log-ratio     l_{i,k} = mean_{t in T_{i,k}} (log pi_theta(y_t) - log pi_old(y_t))
     token ratio        s_{i,t} = exp(min(sg[l_{i,k}] + log pi_theta(y_t) - sg[log pi_theta(y_t)], max_log_ratio))
@@ -49,7 +50,7 @@ def seq_mean_token_mean(values: torch.Tensor, response_mask: torch.Tensor) -> to
     return (values.sum(dim=1) / tokens_per_row.clamp(min=1)).sum() / rows.clamp(min=1)
 
 
-def policy_loss(
+def token_losses(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
@@ -59,14 +60,11 @@ def policy_loss(
     clip_low: float = 3e-3,
     clip_high: float = 4e-3,
     max_log_ratio: float = 10.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """ATPO objective (spec §3): turn-level geometric-mean ratio, per-token gradient, PPO clip, seq-mean-token-mean.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ATPO per-token loss (spec §3) before aggregation: max(-A s, -A clip(s)) with the turn-level ratio s.
 
-    log_prob, old_log_prob, advantages, response_mask: [B, T]; log-probs of the sampled tokens, one advantage
-    per token (each model token of a turn carries its turn's advantage). Values where the mask is 0 are ignored,
-    even if they are inf or NaN. Returns the scalar loss and float statistics over the model tokens:
-    clip_frac (the clipped term is the larger one), ratio_mean (the ratio's value, capped exp(l), token-weighted),
-    capped_frac (l > max_log_ratio), approx_kl (k1 estimate of KL(pi_old || pi_theta)), rows (non-empty rows).
+    Inputs as `policy_loss`. Returns the loss matrix [B, T] (0 where the mask is 0) and 0-dim tensor statistics
+    over the model tokens (see `policy_loss`), so a trainer can aggregate the matrix its own way (verl's agg_loss).
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -96,25 +94,46 @@ def policy_loss(
     # max(-A s, -A clip(s)) = -min(A s, A clip(s)); both are 0 off the mask, where A is 0.
     unclipped = advantages * ratio
     clipped = advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    objective = torch.minimum(unclipped, clipped)
-
-    loss = -seq_mean_token_mean(objective, mask)
-    tokens_per_row = mask.sum(dim=1).to(log_prob.dtype)
-    rows = torch.count_nonzero(tokens_per_row)
+    losses = -torch.minimum(unclipped, clipped)
 
     with torch.no_grad():
+        tokens_per_row = mask.sum(dim=1)
         tokens = tokens_per_row.sum().clamp(min=1)
-        stats = torch.stack(
-            [
-                torch.count_nonzero(clipped < unclipped) / tokens,
-                torch.where(mask, ratio, 0.0).sum() / tokens,
-                torch.count_nonzero(segment_log_ratio > max_log_ratio) / tokens,
-                -token_log_ratio.sum() / tokens,  # k1: mean of log pi_old - log pi_theta; 0 off the mask
-                rows.to(tokens.dtype),
-            ]
-        ).tolist()  # one host sync
-    names = ("clip_frac", "ratio_mean", "capped_frac", "approx_kl", "rows")
-    return loss, dict(zip(names, stats))
+        stats = {
+            "clip_frac": torch.count_nonzero(clipped < unclipped) / tokens,
+            "ratio_mean": torch.where(mask, ratio, 0.0).sum() / tokens,
+            "capped_frac": torch.count_nonzero(segment_log_ratio > max_log_ratio) / tokens,
+            "approx_kl": -token_log_ratio.sum() / tokens,  # k1: mean of log pi_old - log pi_theta; 0 off the mask
+            "rows": torch.count_nonzero(tokens_per_row).to(ratio.dtype),
+        }
+    return losses, stats
+
+
+def policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    level: str = "turn",
+    clip_low: float = 3e-3,
+    clip_high: float = 4e-3,
+    max_log_ratio: float = 10.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """ATPO objective (spec §3): turn-level geometric-mean ratio, per-token gradient, PPO clip, seq-mean-token-mean.
+
+    log_prob, old_log_prob, advantages, response_mask: [B, T]; log-probs of the sampled tokens, one advantage
+    per token (each model token of a turn carries its turn's advantage). Values where the mask is 0 are ignored,
+    even if they are inf or NaN. Returns the scalar loss and float statistics over the model tokens:
+    clip_frac (the clipped term is the larger one), ratio_mean (the ratio's value, capped exp(l), token-weighted),
+    capped_frac (l > max_log_ratio), approx_kl (k1 estimate of KL(pi_old || pi_theta)), rows (non-empty rows).
+    """
+    losses, stats = token_losses(
+        log_prob, old_log_prob, advantages, response_mask,
+        level=level, clip_low=clip_low, clip_high=clip_high, max_log_ratio=max_log_ratio,
+    )
+    loss = seq_mean_token_mean(losses, response_mask.bool())
+    return loss, dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one host sync
 
 
 def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,10 @@ def turns_of(mask_row: list[int]) -> list[list[int]]:
     return turns
 
 
-def loop_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=3e-3, clip_high=4e-3, max_log_ratio=10.0):
-    """The ATPO loss with a Python loop over rows and turns (spec §3)."""
-    row_losses = []
+def loop_token_losses(log_prob, old_log_prob, advantages, response_mask, clip_low=3e-3, clip_high=4e-3, max_log_ratio=10.0):
+    """The ATPO per-token loss with a Python loop over rows and turns (spec §3): a list per row of its model tokens'
+    losses (an empty list for a row without model tokens)."""
+    rows = []
     for i, mask_row in enumerate(response_mask.tolist()):
         token_losses = []
         for turn in turns_of(mask_row):
@@ -32,8 +33,14 @@ def loop_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low
             log_s = torch.clamp(turn_log_ratio.detach() + lp - lp.detach(), max=max_log_ratio)
             s = torch.exp(log_s)
             token_losses.append(torch.maximum(-adv * s, -adv * torch.clamp(s, 1 - clip_low, 1 + clip_high)))
-        if token_losses:
-            row_losses.append(torch.cat(token_losses).mean())
+        rows.append(torch.cat(token_losses) if token_losses else [])
+    return rows
+
+
+def loop_policy_loss(log_prob, old_log_prob, advantages, response_mask, **clip):
+    """The ATPO loss (spec §3): the mean of each row's token losses, then the mean over non-empty rows."""
+    row_losses = [row.mean() for row in loop_token_losses(log_prob, old_log_prob, advantages, response_mask, **clip)
+                  if len(row)]
     if not row_losses:
         return log_prob.sum() * 0
     return torch.stack(row_losses).mean()

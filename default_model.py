@@ -22,10 +22,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATPO_CACHE", Path.home() / ".cache" / "atpo"))
 
 
+def is_converted() -> bool:
+    """Whether the default model's HF folder is already in the cache (no conversion needed)."""
+    target = cache_dir() / NAME
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
 def default_model_path() -> str:
     """Path of the converted HF folder of the default model, converting it on first use."""
     target = cache_dir() / NAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if is_converted():
         return str(target)
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from atpo_credit import ADV_MODES, VALUE_MODES, backup, token_advantages
 from atpo_loss import kl_penalty, policy_loss
 from atpo_tree import PackedTrees, Tree, grow_trees, pack_trees, tree_attention
 from curves import draw_curves, load_metrics
-from default_model import cache_dir, default_model_path
+from default_model import cache_dir, default_model_path, is_converted
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
 
 STOP = ["</search>", "</answer>"]
@@ -581,6 +582,35 @@ def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, d
 # Warm start and evaluation
 
 
+# The parts of a default run timed alone on the 2-core AVX2 CPU this project is measured on (README), and that
+# CPU's single-thread float32 matmul speed: `estimated_minutes` scales them by this machine's.
+REFERENCE_GFLOPS = 90.0  # 85-92 measured on that CPU, quiet, with 1 thread
+REFERENCE_SECONDS = {"warm_start_step": 25.0, "sampled_question": 1.5, "greedy_question": 2.0, "rl_step": 75.0}
+
+
+def matmul_gflops(seconds: float = 0.3) -> float:
+    """This machine's float32 matmul speed on the current threads (1 before vLLM starts), timed for `seconds`."""
+    a = torch.randn(256, 256)
+    flops, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ a
+        flops += 2 * 256**3
+    return flops / (time.perf_counter() - start) / 1e9
+
+
+def estimated_minutes(args: Args, warm_start_questions: int, eval_questions: int, warm_start_cached: bool) -> float:
+    """About how long a run of the default model takes on this CPU: the reference timings times this run's work
+    (warm start if not cached, evaluations, RL steps scaled by questions x leaves), scaled by the matmul speed."""
+    ref = REFERENCE_SECONDS
+    seconds = 0.0
+    if not warm_start_cached:
+        seconds += args.sft_steps * ref["warm_start_step"] + 2 * warm_start_questions * ref["sampled_question"]
+    evaluations = len(range(0, args.total_steps, args.eval_every)) + 1 if eval_questions else 0
+    seconds += evaluations * eval_questions * ref["greedy_question"]
+    seconds += args.total_steps * ref["rl_step"] * args.prompts_per_step * (args.m + args.l * args.k) / (2 * 6)
+    return seconds / 60 * REFERENCE_GFLOPS / matmul_gflops()
+
+
 def progress_bar(**kwargs):
     """A tqdm bar with an ETA; redrawn at most once a minute when the console is a file, so a log stays readable."""
     from tqdm import tqdm
@@ -664,7 +694,7 @@ def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.de
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         losses.append(total)
-        bar.set_postfix(loss=f"{total:.4f}")
+        bar.set_postfix(loss=f"{total:.4f}", refresh=False)  # drawn with the next update
     return losses
 
 
@@ -764,22 +794,28 @@ def main() -> None:
 
     # ---- data
     train_tasks, test_tasks = load_tasks(args.train_data), load_tasks(args.test_data)
+    by_source: dict[str, list[Task]] = {}
+    for task in test_tasks:
+        by_source.setdefault(task.source, []).append(task)
+    eval_tasks = [ts[i] for i in range(args.eval_questions) for ts in by_source.values() if i < len(ts)][: args.eval_questions]
+    warm_tasks = [t for ts in by_source.values() for t in ts[: args.sft_eval_questions]]
     leaves = args.m + args.l * args.k
+    if args.model == "default" and not torch.cuda.is_available():
+        cached = is_converted() and (warm_start_dir(args) / "report.json").exists()
+        minutes = estimated_minutes(args, len(warm_tasks) if wants_sft(args) else 0, len(eval_tasks), cached or args.resume)
+        estimate = f"about {minutes:.0f} min on this CPU"
+    else:
+        estimate = "progress bars show the time left"
     print(f"atpo: {'SmolLM2-135M-Instruct (the default model)' if args.model == 'default' else args.model}, "
           f"{len(train_tasks)} training / {len(test_tasks)} test questions from {Path(args.train_data).parent}; "
           f"{'a warm start on gold transcripts (cached after the first run), then ' if wants_sft(args) else ''}"
           f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of {leaves} leaves; "
-          f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {output_dir} "
-          f"(progress bars show the time left)")
+          f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {output_dir} ({estimate})")
     from transformers import AutoTokenizer
 
     base_path = default_model_path() if args.model == "default" else args.model
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    by_source: dict[str, list[Task]] = {}
-    for task in test_tasks:
-        by_source.setdefault(task.source, []).append(task)
-    eval_tasks = [ts[i] for i in range(args.eval_questions) for ts in by_source.values() if i < len(ts)][: args.eval_questions]
 
     # ---- policy and engine: from the checkpoint, the cached warm start, or the base model
     sft_dir = warm_start_dir(args) if wants_sft(args) else None
@@ -801,7 +837,6 @@ def main() -> None:
 
     # ---- warm start (supervised), measured before and after at the RL temperature; a resumed run has had it
     if sft_dir is not None and not args.resume:
-        warm_tasks = [t for ts in by_source.values() for t in ts[: args.sft_eval_questions]]
         if policy_path == base_path:
             before = evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed)
             sft_start = time.time()
@@ -1022,5 +1057,20 @@ def main() -> None:
     print(summary(rows, output_dir, time.time() - run_start))
 
 
+def retrieval_stop(err: RetrievalError, argv: list[str]) -> str:
+    """The one line a run ends with when retrieval fails mid-run: the error, what was kept, the command to go on.
+    Nothing of the step that hit it was trained (the error leaves the rollout or evaluation before any update)."""
+    args = tyro.cli(Args, args=argv)
+    last = last_checkpoint(args.output_dir)
+    if last is None:
+        return f"error: {err}; no checkpoint was saved yet; start again with: python train.py {shlex.join(argv)}"
+    again = shlex.join([a for a in argv if a != "--resume"] + ["--resume"])
+    return f"error: {err}; nothing of the failed step was trained; the last checkpoint is {last}; " \
+           f"resume with: python train.py {again}"
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RetrievalError as err:
+        raise SystemExit(retrieval_stop(err, sys.argv[1:])) from None

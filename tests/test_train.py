@@ -4,6 +4,8 @@ vLLM runs in child processes: it binds threads and seeds global RNGs for the who
 start-up fails once bm25s (numba/llvmlite) is imported, which other test modules do.
 """
 
+import contextlib
+import http.server
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -168,6 +171,52 @@ def test_two_steps_then_resume(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+
+    # a retrieval server that answers the start-up probe, then only 500s: the run stops at step 4 with one line
+    # naming the server and the --resume command; checkpoint and metrics stay those of step 3
+    with failing_retrieval_server(good_answers=1) as url:
+        proc = subprocess.run([sys.executable, "train.py", *tiny, "--total-steps", "4", "--resume", "--retrieval-url", url],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: retrieval server {url}") and "nothing of the failed step was trained" in last_line
+    assert last_line.endswith(f"resume with: python train.py {' '.join(tiny)} --total-steps 4 --retrieval-url {url} --resume")
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+@contextlib.contextmanager
+def failing_retrieval_server(good_answers: int):
+    """A /retrieve server on loopback that answers its first `good_answers` requests with one passage per query,
+    then 500 to everything."""
+    answered = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            queries = json.loads(self.rfile.read(int(self.headers["content-length"])))["queries"]
+            if len(answered) < good_answers:
+                answered.append(queries)
+                hit = {"document": {"id": "0", "contents": "Title\ntext"}, "score": 1.0}  # Search-R1's format
+                body = json.dumps({"result": [[hit] for _ in queries]}).encode()
+                self.send_response(200)
+            else:
+                body = b"internal error"
+                self.send_response(500)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/retrieve"
+    finally:
+        server.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -322,3 +322,17 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
     train.save_checkpoint(args, 3, model, tokenizer, optimizer)  # the next save cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+
+
+def test_estimated_minutes_by_hand(monkeypatch):
+    """Default run, warm start not cached: 16 x 25 s + 2 x 80 x 1.5 s (warm start and its two evaluations),
+    2 x 300 x 2 s (greedy evaluations before step 1 and at the end), 20 x 75 s (steps of 2 questions x 6 leaves)."""
+    import train
+
+    monkeypatch.setattr(train, "matmul_gflops", lambda: train.REFERENCE_GFLOPS)
+    args = train.Args()
+    assert train.estimated_minutes(args, 80, 300, False) == pytest.approx((400 + 240 + 1200 + 1500) / 60)
+    assert train.estimated_minutes(args, 80, 300, True) == pytest.approx((1200 + 1500) / 60)
+    monkeypatch.setattr(train, "matmul_gflops", lambda: train.REFERENCE_GFLOPS / 2)  # a machine half as fast
+    args = train.Args(total_steps=10, eval_every=4, prompts_per_step=4)  # evaluations before steps 1, 5, 9 and at the end
+    assert train.estimated_minutes(args, 80, 300, True) == pytest.approx(2 * (4 * 600 + 10 * 75 * 2) / 60)

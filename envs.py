@@ -84,10 +84,12 @@ def _require(record: dict, key: str, path: Path, row: int) -> Any:
 
 
 def _answer_list(value: Any, path: Path, row: int) -> list[str]:
-    answers = [value] if isinstance(value, str) else [str(a) for a in value]
-    if not answers:
+    values = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+    if not isinstance(values, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in values):
+        raise ValueError(f"{path}: row {row}: answers must be a string or a list of strings, got {value!r:.80}")
+    if not values:
         raise ValueError(f"{path}: row {row} has an empty answer list")
-    return answers
+    return [str(a) for a in values]
 
 
 def load_tasks(path: str | Path) -> list[Task]:
@@ -112,12 +114,17 @@ def load_tasks(path: str | Path) -> list[Task]:
         raise ValueError(f"{path}: expected a .jsonl or .parquet file")
     tasks = []
     for row, record in enumerate(records):
-        question = str(_require(record, "question", path, row)).strip()
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: row {row} is not an object with a question, got {record!r:.80}")
+        question = _require(record, "question", path, row)
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{path}: row {row}: the question must be a non-empty string, got {question!r:.80}")
+        question = question.strip()
         if record.get("golden_answers") is not None:
             answers = _answer_list(record["golden_answers"], path, row)
         elif isinstance(record.get("reward_model"), dict):
             truth = _require(record["reward_model"], "ground_truth", path, row)
-            answers = _answer_list(truth["target"] if isinstance(truth, dict) else truth, path, row)
+            answers = _answer_list(_require(truth, "target", path, row) if isinstance(truth, dict) else truth, path, row)
         else:
             raise ValueError(f"{path}: row {row} has no field 'golden_answers' (nor reward_model.ground_truth)")
         tasks.append(Task(question, answers, str(record.get("data_source") or "")))

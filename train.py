@@ -184,6 +184,8 @@ class Args:
     """held-out questions per evaluation (0: no evaluation)"""
     save_every: int = 10
     """checkpoint every N steps (and at the end)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept on disk: the newest as checkpoint/, older ones as checkpoint.step_N/"""
     save_trees_every: int = 10
     """save the step's rollout trees as JSON every N steps (0: never)"""
 
@@ -223,6 +225,8 @@ def check_args(args: Args) -> None:
 
         if not isinstance(try_to_load_from_cache(args.model, "config.json"), str):
             problems.append(f"--model {args.model}: not a local folder nor in the Hugging Face cache (atpo never downloads)")
+    if args.keep_checkpoints < 1:
+        problems.append(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     if args.resume and last_checkpoint(args.output_dir) is None:
         problems.append(f"--resume: no checkpoint in {args.output_dir}/checkpoint")
     if args.retrieval_url and not problems:
@@ -712,13 +716,15 @@ def fsync(path: Path) -> None:
 
 def save_checkpoint(args: Args, step: int, model, tokenizer, optimizer) -> None:
     """HF folder of the policy + optimizer and step. Written aside and flushed to disk, then swapped in by two
-    renames, so that at every instant one complete checkpoint exists: `checkpoint/`, or mid-swap `checkpoint.old/`."""
+    renames, so that at every instant one complete checkpoint exists: `checkpoint/`, or mid-swap `checkpoint.old/`.
+    The replaced one is kept as `checkpoint.step_N/` while fewer than --keep-checkpoints exist in all."""
     output_dir = Path(args.output_dir)
     final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": dataclasses.asdict(args)}, tmp / "state.pt")
+    (tmp / "step").write_text(str(step))  # the step, readable without loading the optimizer state
     for path in [*tmp.iterdir(), tmp]:
         fsync(path)
     if final.exists():
@@ -726,14 +732,23 @@ def save_checkpoint(args: Args, step: int, model, tokenizer, optimizer) -> None:
         final.rename(old)
     tmp.rename(final)
     fsync(output_dir)
+    if old.exists() and (old / "step").exists():
+        kept = output_dir / f"checkpoint.step_{int((old / 'step').read_text()):06d}"
+        shutil.rmtree(kept, ignore_errors=True)
+        old.rename(kept)
     shutil.rmtree(old, ignore_errors=True)
+    history = sorted(output_dir.glob("checkpoint.step_*"))  # oldest first (zero-padded steps)
+    for path in history[: max(0, len(history) - (args.keep_checkpoints - 1))]:
+        shutil.rmtree(path)
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint of a run: `checkpoint/`, or `checkpoint.old/` when a kill came mid-swap; else None."""
-    for name in ("checkpoint", "checkpoint.old"):
-        if (Path(output_dir) / name / "state.pt").exists():
-            return Path(output_dir) / name
+    """The newest complete checkpoint of a run: `checkpoint/`, `checkpoint.old/` when a kill came mid-swap, else the
+    newest kept `checkpoint.step_N/`; None if there is none."""
+    kept = sorted(Path(output_dir).glob("checkpoint.step_*"), reverse=True)
+    for path in [Path(output_dir) / "checkpoint", Path(output_dir) / "checkpoint.old", *kept]:
+        if (path / "state.pt").exists():
+            return path
     return None
 
 

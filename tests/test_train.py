@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -319,9 +320,24 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
     last = train.last_checkpoint(tmp_path)
     assert last == tmp_path / "checkpoint.old" and torch.load(last / "state.pt", weights_only=False)["step"] == 1
     train.check_args(train.Args(output_dir=str(tmp_path), resume=True))  # --resume finds it
-    train.save_checkpoint(args, 3, model, tokenizer, optimizer)  # the next save cleans up
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    train.save_checkpoint(args, 3, model, tokenizer, optimizer)  # the next save keeps step 1 as history
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.step_000001"]
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+
+    # --keep-checkpoints N: the newest N in all, the older ones named by their step
+    train.save_checkpoint(args, 4, model, tokenizer, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.step_000003"]
+    args.keep_checkpoints = 3
+    train.save_checkpoint(args, 5, model, tokenizer, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.step_000003", "checkpoint.step_000004"]
+    assert torch.load(tmp_path / "checkpoint.step_000004" / "state.pt", weights_only=False)["step"] == 4
+    shutil.rmtree(tmp_path / "checkpoint")  # lost: the newest kept one is what --resume uses
+    assert train.last_checkpoint(tmp_path) == tmp_path / "checkpoint.step_000004"
+    args.keep_checkpoints = 1
+    train.save_checkpoint(args, 6, model, tokenizer, optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    with pytest.raises(SystemExit, match="--keep-checkpoints must be >= 1"):
+        train.check_args(train.Args(output_dir=str(tmp_path), keep_checkpoints=0))
 
 
 def test_estimated_minutes_by_hand(monkeypatch):

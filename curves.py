@@ -10,16 +10,16 @@ from pathlib import Path
 
 PANELS = [  # (title, metric name prefixes): every metric starting with a prefix is one line of the panel
     ("held-out EM (greedy)", ["eval/em", "eval/two_hop_second_search"]),
-    ("training reward", ["reward/", "reward_mean"]),
-    ("episodes with two or more searches", ["second_search/"]),
-    ("trees whose leaves all got one reward", ["uniform_trees"]),
-    ("mean entropy per turn depth", ["entropy/turn"]),
-    ("KL to the start policy (k3)", ["kl_to_start"]),
+    ("training reward", ["charts/reward"]),
+    ("episodes with two or more searches", ["charts/second_search/"]),
+    ("trees whose leaves all got one reward", ["charts/uniform_trees"]),
+    ("mean entropy per turn depth", ["charts/entropy/turn"]),
+    ("KL to the start policy (k3)", ["losses/kl_to_start"]),
 ]
 
 
 def load_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl: per-step rows (with "loss") and evaluation rows (with "eval/..."). A torn last
+    """The rows of a metrics.jsonl: per-step rows (with "losses/policy") and evaluation rows (with "eval/..."). A torn last
     line (a run killed while writing it) is left out; a broken line before it is an error."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     rows = []

@@ -5,7 +5,11 @@ the new weights go straight back into the running vLLM engine.
     .venv/bin/python train.py --help                  # every flag; the README has the paper's GPU recipe
 
 The default model (SmolLM2-135M) does not know the tool format, so by default a short supervised warm start on
-gold demonstrations runs first (cached: a second run reuses it), then RL.
+gold demonstrations runs first (warm_start.py; cached: a second run reuses it), then RL.
+
+Read top to bottom: `Args`, then `main` (the loop, sections 1-6) and `update` (the loss), then what they call:
+set-up, the engine glue, evaluation, checkpoints. The trees, the credit, the loss and the packed forward are the
+atpo_*.py files.
 """
 
 import os
@@ -15,7 +19,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -31,20 +34,28 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import psutil
 import torch
 import tyro
 
-from atpo_credit import ADV_MODES, VALUE_MODES, backup, token_advantages
+import warm_start
+from atpo_credit import backup, token_advantages
 from atpo_loss import kl_penalty, policy_loss
-from atpo_tree import PackedTrees, Tree, grow_trees, pack_trees, tree_attention
+from atpo_packing import fit_checkpointing, load_policy, pack_trees, packed_token_log_probs, pad, token_log_probs
+from atpo_tree import Tree, grow_trees
 from curves import draw_curves, load_metrics
-from default_model import cache_dir, default_model_path, is_converted
+from default_model import default_model_path, is_converted
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
+from warm_start import demo_nll, demo_row, load_demos, warm_start_dir
 
 STOP = ["</search>", "</answer>"]
 MAX_NONFINITE_IN_A_ROW = 3  # steps whose update had a non-finite loss or gradient, in a row, before the run stops
 SET_NUM_THREADS = torch.set_num_threads  # vLLM's CPU worker replaces torch.set_num_threads by a no-op: keep the real one
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # of the trainer (vLLM picks its own)
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# what the console shows of a step's record (metrics.jsonl and wandb get all of it, under the same names)
+CONSOLE = ("charts/reward", "charts/em", "charts/turns", "charts/trees_trained", "charts/trees_drawn", "charts/generated_tokens",
+           "charts/tokens_per_s", "losses/policy", "losses/kl_to_start", "losses/clip_frac", "time/rollout", "time/train",
+           "time/step")
 
 
 @dataclass
@@ -191,7 +202,304 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Set-up: argument checks, model, engine, weight sync
+# The loop
+
+
+def main() -> None:
+    run_start = time.time()
+    args = parse_args(tyro.cli(Args))
+    output_dir = Path(args.output_dir)
+    tokenizer, pad_id, model, llm, env, train_tasks, eval_tasks, start_path, policy_path = prepare(args)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dtype = TORCH_DTYPES[args.dtype]
+
+    # ---- the policy RL starts from (the warm start, or the base model): the KL to it is logged every step, and
+    # penalised with --kl-coef
+    reference = load_policy(start_path, DEVICE).eval().requires_grad_(False)
+    reference.config.use_cache = False
+
+    # ---- the questions: one pool per data source with --balance-sources (every step draws from each), else one;
+    # the gold transcripts of --demo-coef
+    train_pools: dict[str, list[Task]] = {}
+    for task in train_tasks:
+        train_pools.setdefault(task.source if args.balance_sources else "", []).append(task)
+    pools = list(train_pools.values())
+    demos = load_demos(args.sft_demos, args.demo_source) if args.demo_coef > 0 else []
+    if args.demo_coef > 0 and len(demos) < args.demo_batch:
+        raise SystemExit(f"error: --demo-coef needs {args.demo_batch} gold transcripts of source {args.demo_source!r} "
+                         f"in {args.sft_demos}, found {len(demos)}")
+
+    # ---- optimizer, resume, logging: one metric scheme (charts/, losses/, eval/, time/) for the console,
+    # metrics.jsonl and wandb
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    start_step = 0
+    if args.resume:
+        state = torch.load(Path(policy_path) / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        print(f"resumed from {policy_path} at step {start_step}")
+    metrics_path = output_dir / "metrics.jsonl"
+    if metrics_path.exists():  # keep the rows up to the resumed step (a torn last line goes); a fresh run starts afresh
+        kept = [r for r in load_metrics(metrics_path) if r["step"] <= start_step] if args.resume else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), dir=str(output_dir),
+                   name=f"{args.expansion}-{args.loss_level}-s{args.seed}", resume="allow")
+
+    def log(record: dict) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if args.track:
+            wandb.log(record, step=record["step"])
+
+    bar = progress_bar(total=args.total_steps, initial=start_step, desc="RL", unit="step")
+    nonfinite_in_a_row = 0
+    for step in range(start_step + 1, args.total_steps + 1):
+        if eval_tasks and (step - 1) % args.eval_every == 0:
+            t0 = time.time()
+            scores = {f"eval/{k}": v for k, v in evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed).items()}
+            bar.write(f"eval before step {step} ({time.time() - t0:.0f}s) | {console_line(scores)}")
+            log({"step": step - 1, **scores})
+        step_start = time.time()
+
+        # ---- 1. rollout: one turn-level tree per question (spec §1); every request seeded from (seed, step).
+        # With --drop-uniform-trees a tree whose leaves all got the same reward teaches nothing (zero advantage
+        # everywhere): it is dropped and another question of its source is drawn, up to --max-draws rounds.
+        t0 = time.time()
+        step_rng = random.Random(args.seed * 1_000_003 + step)
+        queues = [step_rng.sample(pool, len(pool)) for pool in pools]  # this step's question order per source
+        # trees wanted per pool: an even split, the remainder going to the pools in turn from step to step
+        wanted = [args.prompts_per_step // len(pools) + ((i - step) % len(pools) < args.prompts_per_step % len(pools))
+                  for i in range(len(pools))]
+        env_seconds = [0.0]
+
+        def timed_step(requests):
+            start = time.time()
+            results = env.step(requests)
+            env_seconds[0] += time.time() - start
+            return results
+
+        generate = make_generate(llm, args, step_rng, args.temperature)
+
+        def grow(tasks: list[Task]) -> list[Tree]:
+            return grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks, generate, timed_step,
+                              m=args.m, l=args.l, k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
+
+        drawn, trees = draw_trees(queues, wanted, grow, args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
+        t_rollout = time.time() - t0
+
+        # ---- 2. credit: leaf rewards -> node values -> turn advantages (spec §2) -> one training row per leaf
+        t0 = time.time()
+        rows, credit = training_rows(trees, args)
+        save_trees = args.save_trees_every > 0 and step % args.save_trees_every == 0
+        records = [tree_record(tree, *c, tokenizer) for tree, c in zip(trees, credit)] if save_trees else []
+        t_credit = time.time() - t0
+
+        # ---- 3. update: the ATPO loss (spec §3), plus the --kl-coef and --demo-coef terms, on every core
+        t0 = time.time()
+        with update_threads(args):  # generation goes back to OMP_NUM_THREADS after
+            losses = update(model, reference, optimizer, rows, trees, demos, tokenizer, pad_id, step_rng, args)
+        t_train = time.time() - t0 - losses["time/old_log_prob"]  # the update alone
+
+        # ---- 4. weight sync into the running engine
+        t0 = time.time()
+        if trees:
+            push_weights(llm, model, dtype)
+        t_sync = time.time() - t0
+
+        # ---- 5. log and checkpoint
+        record = {
+            "step": step,
+            **rollout_stats(drawn),  # what the policy did: every tree grown this step, dropped ones too
+            "charts/trees_trained": len(trees),
+            "charts/leaves": len(rows),
+            "charts/trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
+            **losses,
+            "time/rollout": t_rollout, "time/env": env_seconds[0], "time/credit": t_credit, "time/train": t_train,
+            "time/sync": t_sync, "time/step": time.time() - step_start,
+        }
+        record["charts/tokens_per_s"] = record["charts/generated_tokens"] / record["time/step"]  # throughput
+        log(record)
+        bar.update(1)
+        bar.write(f"step {step:4d} | {console_line(record)}")
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if losses["losses/skipped_updates"] else 0
+        if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            last = last_checkpoint(output_dir)
+            raise SystemExit(f"error: a non-finite loss or gradient in {nonfinite_in_a_row} steps in a row (up to step {step}); "
+                             + (f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"))
+        if save_trees:
+            write_trees(output_dir / "trees" / f"step_{step:06d}.json", records)
+        if step % args.save_every == 0 or step == args.total_steps:
+            save_checkpoint(args, step, model, tokenizer, optimizer)
+
+    bar.close()
+    if eval_tasks:
+        scores = {f"eval/{k}": v for k, v in evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed).items()}
+        print(f"final eval | {console_line(scores)}")
+        log({"step": args.total_steps, **scores})
+    if args.track:
+        wandb.finish()
+
+    # ---- 6. the run in one table, its files, its curves
+    rows = load_metrics(metrics_path)
+    draw_curves(rows, output_dir / "curves.png")
+    print(summary(rows, output_dir, time.time() - run_start))
+
+
+def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], demos: list[dict], tokenizer, pad_id: int,
+           rng: random.Random, args: Args) -> dict[str, float]:
+    """One step's update: `num_minibatches` optimizer steps, each accumulated over micro-batches (`micro_batch`
+    trajectories by path, or `micro_batch` whole trees packed into one row) of
+        ATPO loss (spec §3) + kl_coef * KL(pi || start policy) + demo_coef * NLL(gold transcripts).
+    Returns the losses/ metrics and time/old_log_prob."""
+    t0 = time.time()
+    model.train()
+    # a group stays together in a micro-batch: a whole tree (tree packing) or one trajectory (path)
+    groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if args.packing == "tree" else [[r] for r in rows]
+
+    def units(gs: list[list[dict]]) -> list[list[dict]]:
+        return [sum(gs[i : i + args.micro_batch], []) for i in range(0, len(gs), args.micro_batch)]
+
+    t_old = 0.0
+    if args.num_minibatches > 1:  # pi_old must be fixed before the first update changes the weights
+        with torch.no_grad():
+            for unit in units(groups):
+                old = response_log_probs(model, unit, trees, args, pad_id)
+                for row, o in zip(unit, old.cpu()):
+                    row["old_log_probs"] = o[: len(row["traj"].response_ids)].tolist()
+        t_old = time.time() - t0
+    order = rng.sample(range(len(groups)), len(groups))
+    losses, clip_fracs, kls, kls_to_start, mismatch, grad_norms, demo_nlls = [], [], [], [], [], [], []
+    for mb in range(args.num_minibatches if trees else 0):  # no tree kept: no update
+        minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
+        live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
+        optimizer.zero_grad()
+        for unit in units(minibatch):
+            if args.kl_coef == 0 and not any(any(r["advantages"]) for r in unit):
+                continue  # zero advantage on every token: its gradient is exactly zero
+            log_probs = response_log_probs(model, unit, trees, args, pad_id)  # [B, T]
+            mask = pad([r["traj"].response_mask for r in unit], 0, torch.long).to(DEVICE)
+            advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32).to(DEVICE)
+            # with one optimizer step per batch pi_old is the current policy: its log-probs are these, detached
+            old_log_probs = (pad([r["old_log_probs"] for r in unit], 0.0, torch.float32).to(DEVICE)
+                             if args.num_minibatches > 1 else log_probs.detach())
+            loss, stats = policy_loss(log_probs, old_log_probs, advantages, mask, level=args.loss_level,
+                                      clip_low=args.clip_low, clip_high=args.clip_high)
+            with torch.no_grad():  # the policy RL started from, on the same tokens
+                ref_log_probs = response_log_probs(reference, unit, trees, args, pad_id)
+            kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
+            weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
+            ((loss + args.kl_coef * kl_to_start) * weight).backward()
+            losses.append(loss.item() * weight)
+            kls_to_start.append(kl_to_start.item() * weight)
+            clip_fracs.append(stats["clip_frac"])
+            kls.append(stats["approx_kl"])
+            sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(DEVICE)
+            mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
+        if args.demo_coef > 0:  # the cross-entropy on gold transcripts (--demo-coef, not in the paper)
+            batch = [demo_row(tokenizer, d) for d in rng.sample(demos, args.demo_batch)]
+            tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
+            for start in range(0, len(batch), args.micro_batch):
+                nll = demo_nll(model, batch[start : start + args.micro_batch], tokens, args, DEVICE, pad_id)
+                (args.demo_coef * nll).backward()
+                demo_nlls.append(nll.item())
+        for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grad_norms.append(clip_and_step(model, optimizer, args.max_grad_norm))
+    return {
+        "losses/policy": sum(losses) / args.num_minibatches,
+        "losses/kl_to_start": sum(kls_to_start) / args.num_minibatches,
+        "losses/demo_nll": sum(demo_nlls) / args.num_minibatches,
+        "losses/clip_frac": mean(clip_fracs),
+        "losses/approx_kl": mean(kls),
+        "losses/vllm_logprob_abs_diff": mean(mismatch),
+        "losses/grad_norm": mean(grad_norms),
+        "losses/skipped_updates": sum(not math.isfinite(n) for n in grad_norms),
+        "time/old_log_prob": t_old,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: arguments, data, policy, engine, environment, warm start
+
+
+def parse_args(args: Args) -> Args:
+    """The console quiet, --dtype resolved, every flag checked (one line on a problem), every generator seeded."""
+    quiet_third_party(args.verbose)
+    args.dtype = resolve_dtype(args.dtype)
+    check_args(args)
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file line by line
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return args
+
+
+def prepare(args: Args):
+    """Everything the loop needs: the tokenizer, the policy (from the checkpoint, the cached warm start, or the base
+    model) and the engine holding the same weights, the environment, the questions; the warm start runs here if it
+    is wanted and not cached yet. Returns (tokenizer, pad_id, model, llm, env, train_tasks, eval_tasks, start_path:
+    the policy RL starts from, policy_path: the one `model` was loaded from)."""
+    output_dir = Path(args.output_dir)
+    train_tasks, test_tasks = load_tasks(args.train_data), load_tasks(args.test_data)
+    by_source: dict[str, list[Task]] = {}
+    for task in test_tasks:
+        by_source.setdefault(task.source, []).append(task)
+    eval_tasks = [ts[i] for i in range(args.eval_questions) for ts in by_source.values() if i < len(ts)][: args.eval_questions]
+    warm_tasks = [t for ts in by_source.values() for t in ts[: args.sft_eval_questions]]
+    if args.model == "default" and not torch.cuda.is_available():  # (warm_start_dir would convert the model first)
+        cached = not wants_sft(args) or (is_converted() and (warm_start_dir(args) / "report.json").exists())
+        minutes = estimated_minutes(args, len(warm_tasks) if wants_sft(args) else 0, len(eval_tasks), cached or args.resume)
+        estimate = f"about {minutes:.0f} min on this CPU"
+    else:
+        estimate = "progress bars show the time left"
+    print(f"atpo: {'SmolLM2-135M-Instruct (the default model)' if args.model == 'default' else args.model}, "
+          f"{len(train_tasks)} training / {len(test_tasks)} test questions from {Path(args.train_data).parent}; "
+          f"{'a warm start on gold transcripts (cached after the first run), then ' if wants_sft(args) else ''}"
+          f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of "
+          f"{args.m + args.l * args.k} leaves; {args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; "
+          f"output in {output_dir} ({estimate})")
+    from transformers import AutoTokenizer
+
+    base_path = default_model_path() if args.model == "default" else args.model
+    sft_dir = warm_start_dir(args) if wants_sft(args) else None
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # the policy and the engine, with the same weights
+    if args.resume:
+        policy_path = str(last_checkpoint(output_dir))
+    elif sft_dir is not None and (sft_dir / "report.json").exists():
+        policy_path = str(sft_dir)
+    else:
+        policy_path = base_path
+    model = load_policy(policy_path, DEVICE)
+    model.config.use_cache = False
+    llm = start_engine(policy_path, args)
+
+    # retrieval and environment (after the engine: vLLM 0.32's start-up scan of loaded modules trips over
+    # llvmlite, which bm25s imports through numba)
+    retriever = HttpRetriever(args.retrieval_url) if args.retrieval_url else BM25Retriever(args.corpus)
+    env = SearchEnv(tokenizer, retriever, topk=args.topk, passage_chars=args.passage_chars, max_turns=args.max_turns,
+                    max_length=args.max_length, format_penalty=args.format_penalty)
+
+    # the warm start (warm_start.py), measured before and after at the RL temperature; a resumed run has had it
+    if sft_dir is not None and not args.resume:
+        if policy_path == base_path:
+            warm_start.build(model, tokenizer, args, DEVICE, pad_id,
+                             measure=lambda: evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed),
+                             sync=lambda: push_weights(llm, model, TORCH_DTYPES[args.dtype]),
+                             threads=update_threads(args), progress_bar=progress_bar)
+        print(warm_start.report_lines(args))
+    start_path = str(sft_dir) if sft_dir is not None else base_path
+    return tokenizer, pad_id, model, llm, env, train_tasks, eval_tasks, start_path, policy_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks, the console, threads, the engine and weight sync
 
 
 def check_args(args: Args) -> None:
@@ -327,14 +635,6 @@ def wants_sft(args: Args) -> bool:
     return args.sft == "on" or (args.sft == "auto" and args.model == "default")
 
 
-def warm_start_dir(args: Args) -> Path:
-    """Where the warm-started policy of these settings is cached (it exists once `report.json` is there)."""
-    base_path = default_model_path() if args.model == "default" else args.model
-    key = json.dumps([base_path, hashlib.sha256(Path(args.sft_demos).read_bytes()).hexdigest(), args.sft_steps,
-                      args.sft_batch, args.sft_lr, args.sft_two_hop_frac, args.seed, args.dtype, args.micro_batch])
-    return cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 def start_engine(path: str, args: Args):
     """vLLM in this process: prefix caching on (tree branches share prefixes), eager mode, sampled log-probs."""
     from vllm import LLM
@@ -394,33 +694,6 @@ def make_generate(llm, args: Args, seeds: random.Random, temperature: float):
         return turns
 
     return generate
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The trainer's log-probs
-
-
-def pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype)
-
-
-def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(x_t | x_<t) at the sampling temperature for every position t >= 1 with loss_mask 1, else 0.
-
-    input_ids, attention_mask, loss_mask: [B, L] -> float32 [B, L-1] (position t-1 holds token t's log-prob).
-    The vocabulary projection runs only on the positions that are trained on.
-    """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
-    picked = loss_mask[:, 1:].bool()  # [B, L-1]
-    picked_log_probs = next_token_log_probs(model, hidden[:, :-1][picked], input_ids[:, 1:][picked], temperature)
-    return torch.zeros(picked.shape, device=hidden.device).masked_scatter(picked, picked_log_probs)
-
-
-def next_token_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(lm_head(hidden) / temperature)[target] for each of N positions: hidden [N, H], targets [N]."""
-    logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, V]
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
 
 
 def training_rows(trees: list[Tree], args: Args) -> tuple[list[dict], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -492,102 +765,47 @@ def rollout_stats(trees: list[Tree]) -> dict[str, float]:
             entropies.setdefault(len(tree.path(n)), []).append(tree.nodes[n].entropy)
     every = [e for es in episodes.values() for e in es]
     stats = {
-        "reward_mean": mean([e["reward"] for e in every]),
-        "em": mean([e["em"] for e in every]),
-        "answered": mean([e["answered"] for e in every]),
-        "turns": mean([e["turns"] for e in every]),
-        "trees_drawn": len(trees),
-        "uniform_trees": mean([is_uniform(t) for t in trees]),
-        "nodes_per_tree": mean([len(t.nodes) - 1 for t in trees]),
-        "generated_tokens": sum(len(n.token_ids) for t in trees for n in t.nodes),
+        "charts/reward": mean([e["reward"] for e in every]),
+        "charts/em": mean([e["em"] for e in every]),
+        "charts/answered": mean([e["answered"] for e in every]),
+        "charts/turns": mean([e["turns"] for e in every]),
+        "charts/trees_drawn": len(trees),
+        "charts/uniform_trees": mean([is_uniform(t) for t in trees]),
+        "charts/nodes_per_tree": mean([len(t.nodes) - 1 for t in trees]),
+        "charts/generated_tokens": sum(len(n.token_ids) for t in trees for n in t.nodes),
     }
     for source, es in sorted(episodes.items()):
         if source:
-            stats[f"reward/{source}"] = mean([e["reward"] for e in es])
-            stats[f"second_search/{source}"] = mean([e["second_search"] for e in es])
-    stats.update({f"entropy/turn{d}": mean(h) for d, h in sorted(entropies.items())})
+            stats[f"charts/reward/{source}"] = mean([e["reward"] for e in es])
+            stats[f"charts/second_search/{source}"] = mean([e["second_search"] for e in es])
+    stats.update({f"charts/entropy/turn{d}": mean(h) for d, h in sorted(entropies.items())})
     return stats
 
 
-TREE_ATTENTION = "atpo_tree"
-
-
-def load_policy(path: str, device: torch.device):
-    """The trained policy (HF, fp32) with attention "atpo_tree": block-by-block tree attention in a tree-packed
-    forward (`tree_blocks` given), exactly sdpa (same masks, same kernel) in every other forward."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_blocks=None, **kwargs):
-        if tree_blocks is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        return tree_attention(query, key, value, tree_blocks, scaling).transpose(1, 2).contiguous(), None  # [B, N, H, D]
-
-    AttentionInterface.register(TREE_ATTENTION, attention)
-    AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=TREE_ATTENTION).to(device)
-
-
-# bytes kept for the backward per token, layer and hidden unit, measured on the default model (2,048 tokens, peak
-# above the loaded model less the gradients): fp32 3,680 - 540 MiB, bf16 autocast 2,887 - 540 MiB
-ACTIVATION_BYTES = {"float32": 95, "bfloat16": 70}
-
-
-def fit_checkpointing(model, tokens: int, args: Args) -> None:
-    """Gradient checkpointing on or off for a forward over `tokens` tokens (--gradient-checkpointing); auto: on
-    only when the activations kept for the backward would take more than half the free memory."""
-    on = args.gradient_checkpointing == "on"
-    if args.gradient_checkpointing == "auto":
-        config = model.config
-        kept = ACTIVATION_BYTES[resolve_dtype(args.dtype)] * config.num_hidden_layers * config.hidden_size * tokens
-        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available
-        on = kept > free / 2
-    if on != model.is_gradient_checkpointing:
-        if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
-
-
-def packed_token_log_probs(model, packed: PackedTrees, temperature: float, device: torch.device) -> torch.Tensor:
-    """Tree packing: one forward over every unique token of the trees, with tree attention and path positions;
-    log pi of each model token at the sampling temperature, 0 elsewhere. Returns float32 [N]."""
-    if model.config._attn_implementation != TREE_ATTENTION:
-        raise ValueError(f"tree packing needs the policy loaded by train.load_policy (attention {TREE_ATTENTION!r}), this "
-                         f"model uses {model.config._attn_implementation!r}; or train with --packing path")
-    blocks = [(first, end, keys.to(device), mask.to(device)) for first, end, keys, mask in packed.attention_blocks()]
-    hidden = model.get_decoder()(input_ids=packed.input_ids[None].to(device), position_ids=packed.position_ids[None].to(device),
-                                 tree_blocks=blocks).last_hidden_state[0]  # [N, H]
-    picked = packed.loss_mask.bool().to(device)
-    picked_log_probs = next_token_log_probs(model, hidden[packed.predictor.to(device)[picked]], packed.input_ids.to(device)[picked], temperature)
-    return torch.zeros(picked.shape, device=device).masked_scatter(picked, picked_log_probs)
-
-
-def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, device: torch.device, pad_id: int) -> torch.Tensor:
+def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, pad_id: int) -> torch.Tensor:
     """log pi of every response token of the unit's trajectories: [B, T] float32 (padding positions hold junk,
     masked by the response mask). By path, one padded row per trajectory; by tree, the unit's trees packed."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
         if args.packing == "tree":
             order = list(dict.fromkeys(r["tree"] for r in unit))  # the unit's trees, in the order of its rows
             if [(r["tree"], r["traj"].leaf) for r in unit] != [(t, leaf) for t in order for leaf in trees[t].leaves()]:
                 raise ValueError("tree packing needs each tree's rows together, all its leaves, in leaf order")
             packed = pack_trees([trees[t] for t in order])
-            fit_checkpointing(model, len(packed.input_ids), args)
-            flat = packed_token_log_probs(model, packed, args.temperature, device)  # [N]
-            return flat[pad(packed.rows, 0, torch.long).to(device)]
+            fit_checkpointing(model, len(packed.input_ids), args.gradient_checkpointing, args.dtype)
+            flat = packed_token_log_probs(model, packed, args.temperature, DEVICE)  # [N]
+            return flat[pad(packed.rows, 0, torch.long).to(DEVICE)]
         prompts = [trees[r["tree"]].prompt_ids for r in unit]
         ids = [p + r["traj"].response_ids for p, r in zip(prompts, unit)]
         loss_mask = [[0] * len(p) + r["traj"].response_mask for p, r in zip(prompts, unit)]
-        fit_checkpointing(model, len(ids) * max(map(len, ids)), args)
-        full = token_log_probs(model, pad(ids, pad_id, torch.long).to(device), pad([[1] * len(i) for i in ids], 0, torch.long).to(device),
-                               pad(loss_mask, 0, torch.long).to(device), args.temperature)  # [B, L-1]
+        fit_checkpointing(model, len(ids) * max(map(len, ids)), args.gradient_checkpointing, args.dtype)
+        full = token_log_probs(model, pad(ids, pad_id, torch.long).to(DEVICE), pad([[1] * len(i) for i in ids], 0, torch.long).to(DEVICE),
+                               pad(loss_mask, 0, torch.long).to(DEVICE), args.temperature)  # [B, L-1]
         index = [[len(p) - 1 + j for j in range(len(r["traj"].response_ids))] for p, r in zip(prompts, unit)]
-        return full.gather(1, pad(index, 0, torch.long).to(device))
+        return full.gather(1, pad(index, 0, torch.long).to(DEVICE))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Warm start and evaluation
+# Evaluation and the console
 
 
 # The parts of a default run timed alone on the 2-core AVX2 CPU this project is measured on (README), and that
@@ -626,6 +844,26 @@ def progress_bar(**kwargs):
     return tqdm(mininterval=0.5 if sys.stderr.isatty() else 60, dynamic_ncols=True, **kwargs)
 
 
+def console_line(record: dict) -> str:
+    """A record on one line, grouped by namespace as in metrics.jsonl: "charts: reward 0.250 em 0.250 ... | losses: ...";
+    an evaluation's every score, a step's CONSOLE metrics."""
+    groups: dict[str, list[str]] = {}
+    for name in [k for k in record if k.startswith("eval/")] or [k for k in CONSOLE if k in record]:
+        space, _, short = name.partition("/")
+        groups.setdefault(space, []).append(f"{short} {console_value(name, record[name])}")
+    return " | ".join(f"{space}: " + " ".join(items) for space, items in groups.items())
+
+
+def console_value(name: str, value: float) -> str:
+    if isinstance(value, int):
+        return f"{value:d}"
+    if name.startswith("time/") or name == "charts/tokens_per_s":
+        return f"{value:.1f}"
+    if name == "losses/policy":
+        return f"{value:+.4f}"
+    return f"{value:.4f}" if name.startswith("losses/") else f"{value:.3f}"
+
+
 def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temperature: float, seed: int,
              desc: str = "evaluation") -> dict[str, float]:
     """One episode per question (greedy when temperature is 0); EM overall and per data source, and how the model acts."""
@@ -655,55 +893,6 @@ def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temp
         for key, value in record.items():
             metrics.setdefault(key, []).append(value)
     return {key: sum(v) / len(v) for key, v in sorted(metrics.items())}
-
-
-def demo_row(tokenizer, demo: dict) -> dict:
-    """A gold transcript as a training row: loss on the model's segments, not on the prompt or observations."""
-    ids = build_prompt(tokenizer, demo["question"])
-    loss_mask = [0] * len(ids)
-    for role, text in demo["segments"]:
-        segment = tokenizer.encode(text, add_special_tokens=False)
-        ids += segment
-        loss_mask += [int(role == "model")] * len(segment)
-    return {"ids": ids, "loss_mask": loss_mask}
-
-
-def demo_nll(model, rows: list[dict], tokens: int, args: Args, device: torch.device, pad_id: int) -> torch.Tensor:
-    """Cross-entropy of gold transcripts (demo_row): summed over the model's tokens of `rows`, divided by `tokens`
-    (the token count of the whole batch, so that micro-batches add up to its token mean)."""
-    ids = pad([r["ids"] for r in rows], pad_id, torch.long).to(device)
-    attention_mask = pad([[1] * len(r["ids"]) for r in rows], 0, torch.long).to(device)
-    loss_mask = pad([r["loss_mask"] for r in rows], 0, torch.long).to(device)
-    fit_checkpointing(model, ids.numel(), args)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        log_probs = token_log_probs(model, ids, attention_mask, loss_mask, 1.0)
-    return -log_probs.sum() / tokens
-
-
-def warm_start(model, tokenizer, demos: list[dict], args: Args, device: torch.device, pad_id: int) -> list[float]:
-    """Supervised fine-tuning on gold transcripts (token-mean cross-entropy on the model's tokens)."""
-    model.train()
-    rng = random.Random(args.seed)
-    two_hop = [d for d in demos if d["data_source"] == "default-2hop"]
-    one_hop = [d for d in demos if d["data_source"] != "default-2hop"] or two_hop
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr)
-    losses = []
-    bar = progress_bar(iterable=range(args.sft_steps), desc="warm start", unit="step")
-    for step in bar:
-        batch = [rng.choice(two_hop if two_hop and rng.random() < args.sft_two_hop_frac else one_hop) for _ in range(args.sft_batch)]
-        rows = [demo_row(tokenizer, d) for d in batch]
-        tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
-        optimizer.zero_grad()
-        total = 0.0
-        for start in range(0, len(rows), args.micro_batch):
-            loss = demo_nll(model, rows[start : start + args.micro_batch], tokens, args, device, pad_id)
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.4f}", refresh=False)  # drawn with the next update
-    return losses
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -777,9 +966,9 @@ def write_trees(path: Path, records: list[dict]) -> None:
 def summary(rows: list[dict], output_dir: Path, seconds: float) -> str:
     """The end-of-run report: held-out scores at the first and the last evaluation, time and tokens, the files."""
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    steps = [r for r in rows if "loss" in r]
+    steps = [r for r in rows if "losses/policy" in r]
     lines = [f"summary: {len(steps)} RL steps logged, {seconds / 60:.1f} min in this process, "
-             f"{sum(r['generated_tokens'] for r in steps):,} tokens generated"]
+             f"{sum(r['charts/generated_tokens'] for r in steps):,} tokens generated"]
     if evals:
         first, last = evals[0], evals[-1]
         lines.append(f"  {'held-out (greedy)':30s} {'step ' + str(first['step']):>10s} {'step ' + str(last['step']):>10s}")
@@ -791,289 +980,6 @@ def summary(rows: list[dict], output_dir: Path, seconds: float) -> str:
     if trees:
         lines.append(f"  trees       {output_dir / 'trees'}  (draw one: .venv/bin/python tree_picture.py {trees[-1]} --out tree.png)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main() -> None:
-    run_start = time.time()
-    args = tyro.cli(Args)
-    quiet_third_party(args.verbose)
-    args.dtype = resolve_dtype(args.dtype)
-    check_args(args)
-    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file line by line
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-
-    # ---- data
-    train_tasks, test_tasks = load_tasks(args.train_data), load_tasks(args.test_data)
-    by_source: dict[str, list[Task]] = {}
-    for task in test_tasks:
-        by_source.setdefault(task.source, []).append(task)
-    eval_tasks = [ts[i] for i in range(args.eval_questions) for ts in by_source.values() if i < len(ts)][: args.eval_questions]
-    warm_tasks = [t for ts in by_source.values() for t in ts[: args.sft_eval_questions]]
-    leaves = args.m + args.l * args.k
-    if args.model == "default" and not torch.cuda.is_available():
-        cached = is_converted() and (warm_start_dir(args) / "report.json").exists()
-        minutes = estimated_minutes(args, len(warm_tasks) if wants_sft(args) else 0, len(eval_tasks), cached or args.resume)
-        estimate = f"about {minutes:.0f} min on this CPU"
-    else:
-        estimate = "progress bars show the time left"
-    print(f"atpo: {'SmolLM2-135M-Instruct (the default model)' if args.model == 'default' else args.model}, "
-          f"{len(train_tasks)} training / {len(test_tasks)} test questions from {Path(args.train_data).parent}; "
-          f"{'a warm start on gold transcripts (cached after the first run), then ' if wants_sft(args) else ''}"
-          f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of {leaves} leaves; "
-          f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {output_dir} ({estimate})")
-    from transformers import AutoTokenizer
-
-    base_path = default_model_path() if args.model == "default" else args.model
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    # ---- policy and engine: from the checkpoint, the cached warm start, or the base model
-    sft_dir = warm_start_dir(args) if wants_sft(args) else None
-    if args.resume:
-        policy_path = str(last_checkpoint(output_dir))
-    elif sft_dir is not None and (sft_dir / "report.json").exists():
-        policy_path = str(sft_dir)
-    else:
-        policy_path = base_path
-    model = load_policy(policy_path, device)
-    model.config.use_cache = False
-    llm = start_engine(policy_path, args)
-
-    # ---- retrieval and environment (after the engine: vLLM 0.32's start-up scan of loaded modules trips over
-    # llvmlite, which bm25s imports through numba)
-    retriever = HttpRetriever(args.retrieval_url) if args.retrieval_url else BM25Retriever(args.corpus)
-    env = SearchEnv(tokenizer, retriever, topk=args.topk, passage_chars=args.passage_chars, max_turns=args.max_turns,
-                    max_length=args.max_length, format_penalty=args.format_penalty)
-
-    # ---- warm start (supervised), measured before and after at the RL temperature; a resumed run has had it
-    if sft_dir is not None and not args.resume:
-        if policy_path == base_path:
-            before = evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed)
-            sft_start = time.time()
-            with update_threads(args):
-                losses = warm_start(model, tokenizer, [json.loads(x) for x in Path(args.sft_demos).read_text().splitlines()], args, device, pad_id)
-            minutes = (time.time() - sft_start) / 60
-            push_weights(llm, model, dtype)
-            after = evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed)
-            sft_dir.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(sft_dir)
-            tokenizer.save_pretrained(sft_dir)
-            report = {"before": before, "after": after, "minutes": minutes, "losses": losses}
-            (sft_dir / "report.json").write_text(json.dumps(report, indent=1))
-        report = json.loads((sft_dir / "report.json").read_text())
-        print(f"warm start ({report['minutes']:.1f} min, cached in {sft_dir}); at temperature {args.temperature}:")
-        for name in ("before", "after"):
-            print(f"  {name:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in report[name].items()))
-
-    # ---- the policy RL starts from (the warm start, or the base model): the KL to it is logged every step, and
-    # penalised with --kl-coef
-    reference = load_policy(str(sft_dir) if sft_dir is not None else base_path, device).eval().requires_grad_(False)
-    reference.config.use_cache = False
-
-    # ---- the questions: one pool per data source with --balance-sources (every step draws from each), else one
-    train_pools: dict[str, list[Task]] = {}
-    for task in train_tasks:
-        train_pools.setdefault(task.source if args.balance_sources else "", []).append(task)
-    pools = list(train_pools.values())
-    demos = []  # the gold transcripts of --demo-coef
-    if args.demo_coef > 0:
-        demos = [d for d in map(json.loads, Path(args.sft_demos).read_text().splitlines())
-                 if args.demo_source in ("", d["data_source"])]
-        if len(demos) < args.demo_batch:
-            raise SystemExit(f"error: --demo-coef needs {args.demo_batch} gold transcripts of source {args.demo_source!r} "
-                             f"in {args.sft_demos}, found {len(demos)}")
-
-    # ---- optimizer, resume, logging
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    start_step = 0
-    if args.resume:
-        state = torch.load(Path(policy_path) / "state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-        print(f"resumed from {policy_path} at step {start_step}")
-    metrics_path = output_dir / "metrics.jsonl"
-    if metrics_path.exists():  # keep the rows up to the resumed step (a torn last line goes); a fresh run starts afresh
-        kept = [r for r in load_metrics(metrics_path) if r["step"] <= start_step] if args.resume else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), dir=str(output_dir),
-                   name=f"{args.expansion}-{args.loss_level}-s{args.seed}", resume="allow")
-
-    def log(record: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if args.track:
-            wandb.log(record, step=record["step"])
-
-    bar = progress_bar(total=args.total_steps, initial=start_step, desc="RL", unit="step")
-    nonfinite_in_a_row = 0
-    for step in range(start_step + 1, args.total_steps + 1):
-        if eval_tasks and (step - 1) % args.eval_every == 0:
-            t0 = time.time()
-            scores = evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed)
-            bar.write(f"eval before step {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f"  ({time.time() - t0:.0f}s)")
-            log({"step": step - 1, **{f"eval/{k}": v for k, v in scores.items()}})
-
-        # ---- 1. rollout: one turn-level tree per question (spec §1); every request seeded from (seed, step).
-        # With --drop-uniform-trees a tree whose leaves all got the same reward teaches nothing (zero advantage
-        # everywhere): it is dropped and another question of its source is drawn, up to --max-draws rounds.
-        t0 = time.time()
-        step_rng = random.Random(args.seed * 1_000_003 + step)
-        queues = [step_rng.sample(pool, len(pool)) for pool in pools]  # this step's question order per source
-        # trees wanted per pool: an even split, the remainder going to the pools in turn from step to step
-        wanted = [args.prompts_per_step // len(pools) + ((i - step) % len(pools) < args.prompts_per_step % len(pools))
-                  for i in range(len(pools))]
-        env_seconds = [0.0]
-
-        def timed_step(requests):
-            start = time.time()
-            results = env.step(requests)
-            env_seconds[0] += time.time() - start
-            return results
-
-        generate = make_generate(llm, args, step_rng, args.temperature)
-
-        def grow(tasks: list[Task]) -> list[Tree]:
-            return grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks, generate, timed_step,
-                              m=args.m, l=args.l, k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
-
-        drawn, trees = draw_trees(queues, wanted, grow, args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
-        t_rollout = time.time() - t0
-
-        # ---- 2. credit: leaf rewards -> node values -> turn advantages (spec §2) -> one training row per leaf
-        t0 = time.time()
-        rows, credit = training_rows(trees, args)
-        save_trees = args.save_trees_every > 0 and step % args.save_trees_every == 0
-        records = [tree_record(tree, *c, tokenizer) for tree, c in zip(trees, credit)] if save_trees else []
-        t_credit = time.time() - t0
-
-        # ---- 3. update: ATPO loss (spec §3); `num_minibatches` optimizer steps per batch, each accumulated over
-        # micro-batches (`micro_batch` trajectories by path, or `micro_batch` whole trees packed into one row)
-        t0 = time.time()
-        model.train()
-        # a group stays together in a micro-batch: a whole tree (tree packing) or one trajectory (path)
-        groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if args.packing == "tree" else [[r] for r in rows]
-
-        def units(gs: list[list[dict]]) -> list[list[dict]]:
-            return [sum(gs[i : i + args.micro_batch], []) for i in range(0, len(gs), args.micro_batch)]
-
-        with update_threads(args):  # the update on every core, generation back on OMP_NUM_THREADS after
-            t_old = 0.0
-            if args.num_minibatches > 1:  # pi_old must be fixed before the first update changes the weights
-                with torch.no_grad():
-                    for unit in units(groups):
-                        old = response_log_probs(model, unit, trees, args, device, pad_id)
-                        for row, o in zip(unit, old.cpu()):
-                            row["old_log_probs"] = o[: len(row["traj"].response_ids)].tolist()
-                t_old = time.time() - t0
-            order = step_rng.sample(range(len(groups)), len(groups))
-            losses, clip_fracs, kls, kls_to_start, mismatch, grad_norms, demo_nlls = [], [], [], [], [], [], []
-            skipped_updates = 0
-            for mb in range(args.num_minibatches if trees else 0):  # no tree kept: no update
-                minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
-                live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
-                optimizer.zero_grad()
-                for unit in units(minibatch):
-                    if args.kl_coef == 0 and not any(any(r["advantages"]) for r in unit):
-                        continue  # zero advantage on every token: its gradient is exactly zero
-                    log_probs = response_log_probs(model, unit, trees, args, device, pad_id)  # [B, T]
-                    mask = pad([r["traj"].response_mask for r in unit], 0, torch.long).to(device)
-                    advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32).to(device)
-                    # with one optimizer step per batch pi_old is the current policy: its log-probs are these, detached
-                    old_log_probs = (pad([r["old_log_probs"] for r in unit], 0.0, torch.float32).to(device)
-                                     if args.num_minibatches > 1 else log_probs.detach())
-                    loss, stats = policy_loss(log_probs, old_log_probs, advantages, mask, level=args.loss_level,
-                                              clip_low=args.clip_low, clip_high=args.clip_high)
-                    with torch.no_grad():  # the policy RL started from, on the same tokens
-                        ref_log_probs = response_log_probs(reference, unit, trees, args, device, pad_id)
-                    kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
-                    weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
-                    ((loss + args.kl_coef * kl_to_start) * weight).backward()
-                    losses.append(loss.item() * weight)
-                    kls_to_start.append(kl_to_start.item() * weight)
-                    clip_fracs.append(stats["clip_frac"])
-                    kls.append(stats["approx_kl"])
-                    sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(device)
-                    mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
-                if args.demo_coef > 0:  # the cross-entropy on gold transcripts (--demo-coef, not in the paper)
-                    batch = [demo_row(tokenizer, d) for d in step_rng.sample(demos, args.demo_batch)]
-                    tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
-                    for start in range(0, len(batch), args.micro_batch):
-                        nll = demo_nll(model, batch[start : start + args.micro_batch], tokens, args, device, pad_id)
-                        (args.demo_coef * nll).backward()
-                        demo_nlls.append(nll.item())
-                for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
-                    if param.grad is None:
-                        param.grad = torch.zeros_like(param)
-                grad_norms.append(clip_and_step(model, optimizer, args.max_grad_norm))
-                skipped_updates += not math.isfinite(grad_norms[-1])
-        t_train = time.time() - t0 - t_old  # the update alone
-
-        # ---- 4. weight sync into the running engine
-        t0 = time.time()
-        if trees:
-            push_weights(llm, model, dtype)
-        t_sync = time.time() - t0
-
-        # ---- 5. log and checkpoint
-        record = {
-            "step": step,
-            **rollout_stats(drawn),  # what the policy did: every tree grown this step, dropped ones too
-            "loss": sum(losses) / args.num_minibatches,
-            "kl_to_start": sum(kls_to_start) / args.num_minibatches,
-            "demo_nll": sum(demo_nlls) / args.num_minibatches,
-            "trees_trained": len(trees),
-            "leaves": len(rows),
-            "trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
-            "clip_frac": mean(clip_fracs),
-            "approx_kl": mean(kls),
-            "vllm_logprob_abs_diff": mean(mismatch),
-            "grad_norm": mean(grad_norms),
-            "skipped_updates": skipped_updates,
-            "time/rollout": t_rollout, "time/env": env_seconds[0], "time/credit": t_credit, "time/old_log_prob": t_old,
-            "time/train": t_train, "time/sync": t_sync,
-        }
-        log(record)
-        bar.update(1)
-        bar.write(
-            f"step {step:4d} reward {record['reward_mean']:.3f} em {record['em']:.3f} turns {record['turns']:.2f} "
-            f"trees {len(trees)}/{len(drawn)} gen_tokens {record['generated_tokens']} loss {record['loss']:+.4f} "
-            f"kl_to_start {record['kl_to_start']:.4f} clip {record['clip_frac']:.3f} "
-            f"| rollout {t_rollout:.1f}s (env {env_seconds[0]:.1f}s) credit {t_credit:.2f}s train {t_train:.1f}s sync {t_sync:.1f}s"
-        )
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped_updates else 0
-        if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-            last = last_checkpoint(output_dir)
-            raise SystemExit(f"error: a non-finite loss or gradient in {nonfinite_in_a_row} steps in a row (up to step {step}); "
-                             + (f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"))
-        if save_trees:
-            write_trees(output_dir / "trees" / f"step_{step:06d}.json", records)
-        if step % args.save_every == 0 or step == args.total_steps:
-            save_checkpoint(args, step, model, tokenizer, optimizer)
-
-    bar.close()
-    if eval_tasks:
-        scores = evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed)
-        print("final eval: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        log({"step": args.total_steps, **{f"eval/{k}": v for k, v in scores.items()}})
-    if args.track:
-        wandb.finish()
-
-    # ---- 6. the run in one table, its files, its curves
-    rows = load_metrics(metrics_path)
-    draw_curves(rows, output_dir / "curves.png")
-    print(summary(rows, output_dir, time.time() - run_start))
 
 
 def retrieval_stop(err: RetrievalError, argv: list[str]) -> str:

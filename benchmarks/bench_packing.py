@@ -31,8 +31,9 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
     import torch
     import train
     from atpo_loss import policy_loss
+    from atpo_packing import load_policy, pad
 
-    model = train.load_policy(model_path, torch.device("cpu")).train()
+    model = load_policy(model_path, torch.device("cpu")).train()
     args = train.Args(packing=method, dtype=train.resolve_dtype("auto"), gradient_checkpointing="on")
     rows, _ = train.training_rows(trees, args)
     units = [rows] if method == "tree" else [rows[i : i + micro_batch_paths] for i in range(0, len(rows), micro_batch_paths)]
@@ -40,9 +41,9 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to now: loading peaked higher
     start = time.perf_counter()
     for unit in units:
-        log_probs = train.response_log_probs(model, unit, trees, args, torch.device("cpu"), pad_id=2)
-        mask = train.pad([r["traj"].response_mask for r in unit], 0, torch.long)
-        advantages = train.pad([r["advantages"] for r in unit], 0.0, torch.float32)
+        log_probs = train.response_log_probs(model, unit, trees, args, pad_id=2)
+        mask = pad([r["traj"].response_mask for r in unit], 0, torch.long)
+        advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32)
         loss, _ = policy_loss(log_probs, log_probs.detach(), advantages, mask)
         loss.backward()
     seconds = time.perf_counter() - start
@@ -78,9 +79,10 @@ def real_trees(count: int):
     from atpo_tree import grow_trees
     from default_model import default_model_path
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
+    from warm_start import warm_start_dir
 
     args = train.Args(dtype=train.resolve_dtype("auto"))
-    warm = train.warm_start_dir(args)
+    warm = warm_start_dir(args)
     path = str(warm) if (warm / "report.json").exists() else default_model_path()
     llm = train.start_engine(path, args)
     from transformers import AutoTokenizer
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     import train
-    from atpo_tree import pack_trees
+    from atpo_packing import pack_trees
     from default_model import default_model_path
 
     trees, model_path = real_trees(args.real_trees) if args.real_trees else ([], default_model_path())

@@ -46,7 +46,7 @@ def train_step(extra: list[str], seed: int) -> tuple[dict, float, str]:
             stdout = log.read()
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(stdout[-4000:])
-        row = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][0]
+        row = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"losses/policy"' in line][0]
     return row, usage.ru_maxrss / 2**20, stdout
 
 
@@ -77,7 +77,7 @@ def main() -> None:
             seconds = sum(r[k] for r, _ in results) / len(results)
             label = k.split("/")[1] + (" (inside rollout)" if k == "time/env" else "")
             print(f"  {label:24s} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
-    losses = {name: [r["loss"] for r, _ in results] for name, results in runs.items()}
+    losses = {name: [r["losses/policy"] for r, _ in results] for name, results in runs.items()}
     print(f"  same trees, same loss: defaults {losses['defaults']}, previous {losses['previous']}")
     step_ratio = (sum(step_seconds(r) for r, _ in runs["defaults"]) / sum(step_seconds(r) for r, _ in runs["previous"]))
 
@@ -87,6 +87,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import train
+    from atpo_packing import load_policy, pack_trees
     from atpo_tree import grow_trees
     from default_model import default_model_path
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
@@ -122,16 +123,16 @@ def main() -> None:
           f"{plain_tokens} tokens in {plain_seconds:.1f} s, {plain_speed:.0f} tok/s")
 
     # ---- 3. the update's FLOP/s beside a plain matmul's, on the update's threads
-    model = train.load_policy(path, torch.device("cpu")).train()
+    model = load_policy(path, torch.device("cpu")).train()
     model.config.use_cache = False
     rows, _ = train.training_rows(trees[: settings.micro_batch], settings)
-    tokens = len(train.pack_trees(trees[: settings.micro_batch]).input_ids)
+    tokens = len(pack_trees(trees[: settings.micro_batch]).input_ids)
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)  # the per-token matmuls
     with train.update_threads(settings):
         threads = torch.get_num_threads()
-        train.response_log_probs(model, rows, trees, settings, torch.device("cpu"), 2).sum().backward()  # warm-up
+        train.response_log_probs(model, rows, trees, settings, 2).sum().backward()  # warm-up
         start = time.perf_counter()
-        train.response_log_probs(model, rows, trees, settings, torch.device("cpu"), 2).sum().backward()
+        train.response_log_probs(model, rows, trees, settings, 2).sum().backward()
         update_seconds = time.perf_counter() - start
         a = torch.randn(2048, 2048)
         a @ a

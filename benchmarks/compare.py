@@ -57,18 +57,18 @@ def read_metrics(path: Path) -> list[dict]:
 def run_curve(rows: list[dict]) -> dict:
     """One run: evaluation steps, every evaluation metric there, generated tokens up to there; means over its steps."""
     evals = [r for r in rows if "eval/em" in r]
-    steps = [r for r in rows if "loss" in r]
+    steps = [r for r in rows if "losses/policy" in r]
     tokens = {0: 0}
     for r in sorted(steps, key=lambda r: r["step"]):
-        tokens[r["step"]] = tokens[r["step"] - 1] + r["generated_tokens"] if r["step"] - 1 in tokens else math.nan
-    seconds = [sum(v for k, v in r.items() if k.startswith("time/") and k != "time/env") for r in steps]
+        tokens[r["step"]] = tokens[r["step"] - 1] + r["charts/generated_tokens"] if r["step"] - 1 in tokens else math.nan
+    seconds = [r["time/step"] for r in steps]
     return {
         "eval_steps": [r["step"] for r in evals],
         "evals": {k: [r.get(k, math.nan) for r in evals] for k in sorted({k for r in evals for k in r} - {"step"})},
         "tokens": [tokens.get(r["step"], math.nan) for r in evals],  # generated tokens before that evaluation
-        "tokens_per_leaf": sum(r["generated_tokens"] for r in steps) / max(sum(r["leaves"] for r in steps), 1),
+        "tokens_per_leaf": sum(r["charts/generated_tokens"] for r in steps) / max(sum(r["charts/leaves"] for r in steps), 1),
         "seconds_per_step": sum(seconds) / max(len(seconds), 1),
-        "reward": sum(r["reward_mean"] for r in steps) / max(len(steps), 1),
+        "reward": sum(r["charts/reward"] for r in steps) / max(len(steps), 1),
     }
 
 
@@ -145,17 +145,17 @@ def train_command(args, warm_start: Path, name: str, seed: int) -> list[str]:
 
 
 def ensure_warm_start(args) -> Path:
-    """The default warm start of seed 1 (train.py caches it); made by a one-step train.py run when missing."""
+    """The default warm start of seed 1 (train.py caches it); made by warm_start.py when missing."""
     sys.path.insert(0, str(ROOT))
-    from train import Args, warm_start_dir
+    from train import Args, resolve_dtype
+    from warm_start import warm_start_dir
 
-    path = warm_start_dir(Args(seed=1))
+    path = warm_start_dir(Args(seed=1, dtype=resolve_dtype("auto")))  # train.py resolves --dtype before the cache key
     if not (path / "report.json").exists():
         log = Path(args.out_dir) / "warm_start.log"
         print(f"making the warm start ({path}), log in {log}")
         with log.open("w") as f:
-            subprocess.run([sys.executable, str(ROOT / "train.py"), "--seed", "1", "--total-steps", "1", "--eval-questions", "0",
-                            "--output-dir", str(Path(args.out_dir) / "warm_start")], stdout=f, stderr=subprocess.STDOUT, check=True)
+            subprocess.run([sys.executable, str(ROOT / "warm_start.py"), "--seed", "1"], stdout=f, stderr=subprocess.STDOUT, check=True)
     return path
 
 

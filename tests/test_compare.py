@@ -10,8 +10,9 @@ from benchmarks.compare import is_done, read_metrics, report, results_table, run
 
 
 def step_row(step: int, tokens: int, reward: float, seconds: tuple[float, float]) -> dict:
-    return {"step": step, "loss": 0.0, "reward_mean": reward, "generated_tokens": tokens, "leaves": 12,
-            "time/rollout": seconds[0], "time/env": 99.0, "time/train": seconds[1], "time/sync": 1.0}
+    return {"step": step, "losses/policy": 0.0, "charts/reward": reward, "charts/generated_tokens": tokens, "charts/leaves": 12,
+            "time/rollout": seconds[0], "time/env": 9.0, "time/train": seconds[1], "time/sync": 1.0,
+            "time/step": seconds[0] + seconds[1] + 1.0}
 
 
 def eval_row(step: int, em: float, one_hop: float, two_hop: float) -> dict:
@@ -55,7 +56,7 @@ def test_run_curve_by_hand():
     assert curve["evals"]["eval/em"] == [0.1, 0.3, 0.5]
     assert curve["tokens"] == [0, 300, 1000]  # generated before each evaluation
     assert curve["tokens_per_leaf"] == pytest.approx(1000 / 48)
-    assert curve["seconds_per_step"] == pytest.approx(61.0)  # rollout + train + sync; env is part of rollout
+    assert curve["seconds_per_step"] == pytest.approx(61.0)  # the step's wall time: rollout (env inside) + train + sync
     assert curve["reward"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4) / 4)
     assert curve["evals"]["eval/em/default-1hop"] == pytest.approx([0.1, 0.4, 0.6])
 

@@ -8,16 +8,16 @@ from curves import draw_curves, load_metrics, series
 def test_series_collects_each_metric_by_step_and_skips_missing(tmp_path):
     rows = [
         {"step": 0, "eval/em": 0.4, "eval/em/default-2hop": 0.3},
-        {"step": 1, "loss": 0.1, "reward/default-1hop": 1.0, "reward/default-2hop": 0.0, "entropy/turn1": 0.02},
-        {"step": 2, "loss": 0.2, "reward/default-1hop": 0.5, "entropy/turn1": 0.04, "entropy/turn2": 0.1},
+        {"step": 1, "losses/policy": 0.1, "charts/reward/default-1hop": 1.0, "charts/reward/default-2hop": 0.0, "charts/entropy/turn1": 0.02},
+        {"step": 2, "losses/policy": 0.2, "charts/reward/default-1hop": 0.5, "charts/entropy/turn1": 0.04, "charts/entropy/turn2": 0.1},
         {"step": 2, "eval/em": 0.5, "eval/em/default-2hop": 0.35},
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     assert load_metrics(path) == rows  # the blank line is skipped
-    assert series(rows, "reward/") == {"reward/default-1hop": ([1, 2], [1.0, 0.5]), "reward/default-2hop": ([1], [0.0])}
+    assert series(rows, "charts/reward/") == {"charts/reward/default-1hop": ([1, 2], [1.0, 0.5]), "charts/reward/default-2hop": ([1], [0.0])}
     assert series(rows, "eval/em") == {"eval/em": ([0, 2], [0.4, 0.5]), "eval/em/default-2hop": ([0, 2], [0.3, 0.35])}
-    assert series(rows, "entropy/turn") == {"entropy/turn1": ([1, 2], [0.02, 0.04]), "entropy/turn2": ([2], [0.1])}
+    assert series(rows, "charts/entropy/turn") == {"charts/entropy/turn1": ([1, 2], [0.02, 0.04]), "charts/entropy/turn2": ([2], [0.1])}
     draw_curves(rows, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -26,8 +26,8 @@ def test_a_torn_last_line_is_left_out_and_a_torn_middle_line_is_an_error(tmp_pat
     import pytest
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # killed while writing step 2
-    assert load_metrics(path) == [{"step": 1, "loss": 0.5}]
-    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.5}\n')
+    path.write_text('{"step": 1, "losses/policy": 0.5}\n{"step": 2, "los')  # killed while writing step 2
+    assert load_metrics(path) == [{"step": 1, "losses/policy": 0.5}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "losses/policy": 0.5}\n')
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         load_metrics(path)

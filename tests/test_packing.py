@@ -5,16 +5,18 @@ import random
 import pytest
 import torch
 
+import atpo_packing
+import warm_start
 from atpo_loss import policy_loss
-from atpo_tree import PackedTrees, StepResult, Tree, grow_trees, pack_trees, tree_attention
+from atpo_packing import PackedTrees, pack_trees, tree_attention
+from atpo_tree import StepResult, Tree, grow_trees
 
 
 @pytest.fixture(scope="module")
 def model():
-    import train
     from default_model import default_model_path
 
-    return train.load_policy(default_model_path(), torch.device("cpu")).train()
+    return atpo_packing.load_policy(default_model_path(), torch.device("cpu")).train()
 
 
 def make_tree(tokenizer, prompt: str, nodes: list[tuple[int, str, str]], seed: int = 0) -> Tree:
@@ -58,8 +60,8 @@ def loss_and_grads(model, tree_list, packing, gradient_checkpointing="off"):
     args = train.Args(packing=packing, dtype="float32", gradient_checkpointing=gradient_checkpointing)
     rows, _ = train.training_rows(tree_list, args)
     model.zero_grad()
-    log_probs = train.response_log_probs(model, rows, tree_list, args, torch.device("cpu"), pad_id=2)
-    mask = train.pad([r["traj"].response_mask for r in rows], 0, torch.long)
+    log_probs = train.response_log_probs(model, rows, tree_list, args, pad_id=2)
+    mask = atpo_packing.pad([r["traj"].response_mask for r in rows], 0, torch.long)
     advantages = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))  # any advantages will do
     old = log_probs.detach() + 0.01 * torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(0))
     loss, _ = policy_loss(log_probs, old, advantages, mask, clip_low=0.2, clip_high=0.2)
@@ -82,8 +84,6 @@ def test_packed_equals_path_by_path(model, tokenizer, shape):
 def test_gradient_checkpointing_changes_no_gradient_and_auto_follows_free_memory(model, tokenizer, packing, monkeypatch):
     import types
 
-    import train
-
     tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"])
     lp_off, g_off = loss_and_grads(model, [tree], packing, "off")
     assert not model.is_gradient_checkpointing
@@ -92,10 +92,10 @@ def test_gradient_checkpointing_changes_no_gradient_and_auto_follows_free_memory
     assert (lp_off - lp_on).abs().max().item() <= 1e-6
     assert ((g_off - g_on).norm() / g_off.norm()).item() <= 1e-6
     # auto: on only when ~70 bytes x layers x hidden x tokens exceed half the free memory
-    monkeypatch.setattr(train.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
+    monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
     loss_and_grads(model, [tree], packing, "auto")
     assert not model.is_gradient_checkpointing
-    monkeypatch.setattr(train.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**20))
+    monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**20))
     loss_and_grads(model, [tree], packing, "auto")
     assert model.is_gradient_checkpointing
     model.gradient_checkpointing_disable()
@@ -129,24 +129,22 @@ def broken(packed: PackedTrees, what: str) -> PackedTrees:
 @pytest.mark.parametrize("what", ["dfs_offsets_as_positions", "causal_mask_only"])
 def test_broken_mask_or_positions_are_caught(model, tokenizer, what):
     """The pitfalls give large errors, so the comparison above would fail on them."""
-    import train
 
     tree = make_tree(tokenizer, PROMPT, SHAPES["siblings_differ_at_first_token"])
     packed = pack_trees([tree])
     with torch.no_grad():
-        good = train.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
-        bad = train.packed_token_log_probs(model, broken(packed, what), 1.0, torch.device("cpu"))
+        good = atpo_packing.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
+        bad = atpo_packing.packed_token_log_probs(model, broken(packed, what), 1.0, torch.device("cpu"))
     assert (good - bad).abs().max().item() > 0.1
 
 
 def test_positions_without_the_mask_are_wrong(model, tokenizer):
     """Tree position ids with no mask make HF treat the row as packed sequences: wrong log-probs."""
-    import train
 
     tree = make_tree(tokenizer, PROMPT, SHAPES["siblings_differ_at_first_token"])
     packed = pack_trees([tree])
     with torch.no_grad():
-        good = train.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
+        good = atpo_packing.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
         hidden = model.get_decoder()(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None]).last_hidden_state[0]
         picked = packed.loss_mask.bool()
         logits = model.get_output_embeddings()(hidden[packed.predictor[picked]])
@@ -181,25 +179,23 @@ def test_tree_attention_equals_dense_masked_attention(tokenizer):
 
 
 def test_unsupported_attention_is_a_clear_error(tokenizer):
-    import train
     from transformers import AutoModelForCausalLM
 
     from default_model import default_model_path
 
     sdpa = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32, attn_implementation="sdpa")
     packed = pack_trees([make_tree(tokenizer, PROMPT, SHAPES["one_leaf"])])
-    with pytest.raises(ValueError, match="tree packing needs the policy loaded by train.load_policy"):
-        train.packed_token_log_probs(sdpa, packed, 1.0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="tree packing needs the policy loaded by atpo_packing.load_policy"):
+        atpo_packing.packed_token_log_probs(sdpa, packed, 1.0, torch.device("cpu"))
 
 
 def test_two_trees_in_one_row_equal_separately(model, tokenizer):
-    import train
 
     trees = [make_tree(tokenizer, PROMPT, SHAPES["mixed"]), make_tree(tokenizer, "Another prompt here", SHAPES["deep_chain"], seed=1)]
     with torch.no_grad():
         together = pack_trees(trees)
-        lp_together = train.packed_token_log_probs(model, together, 1.0, torch.device("cpu"))
-        apart = torch.cat([train.packed_token_log_probs(model, pack_trees([t]), 1.0, torch.device("cpu")) for t in trees])
+        lp_together = atpo_packing.packed_token_log_probs(model, together, 1.0, torch.device("cpu"))
+        apart = torch.cat([atpo_packing.packed_token_log_probs(model, pack_trees([t]), 1.0, torch.device("cpu")) for t in trees])
     assert (lp_together - apart).abs().max().item() <= 1e-4
     # and rows index the right tokens of each tree
     assert len(together.rows) == sum(len(t.leaves()) for t in trees)
@@ -237,12 +233,12 @@ def test_units_of_several_trees_in_any_order(model, tokenizer):
     rows, _ = train.training_rows(trees, train.Args(dtype="float32"))
     unit = [r for r in rows if r["tree"] == 1] + [r for r in rows if r["tree"] == 0]  # second tree first
     with torch.no_grad():
-        by_tree = train.response_log_probs(model, unit, trees, train.Args(packing="tree", dtype="float32"), torch.device("cpu"), 2)
-        by_path = train.response_log_probs(model, unit, trees, train.Args(packing="path", dtype="float32"), torch.device("cpu"), 2)
-    mask = train.pad([r["traj"].response_mask for r in unit], 0, torch.long)
+        by_tree = train.response_log_probs(model, unit, trees, train.Args(packing="tree", dtype="float32"), 2)
+        by_path = train.response_log_probs(model, unit, trees, train.Args(packing="path", dtype="float32"), 2)
+    mask = atpo_packing.pad([r["traj"].response_mask for r in unit], 0, torch.long)
     assert ((by_tree - by_path) * mask).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="each tree's rows together"):
-        train.response_log_probs(model, unit[1:], trees, train.Args(packing="tree", dtype="float32"), torch.device("cpu"), 2)
+        train.response_log_probs(model, unit[1:], trees, train.Args(packing="tree", dtype="float32"), 2)
 
 
 def test_update_threads_change_no_gradient(model, tokenizer):
@@ -271,11 +267,11 @@ def test_demo_nll_is_the_token_mean_cross_entropy_of_the_model_turns(model, toke
             ["model", "<search> Mobin Pigubor </search>"], ["env", OBS], ["model", "<answer> Sirun </answer>"]]},
         {"question": "Who is Mobin Pigubor?", "segments": [["model", "<answer> a librarian </answer>"]]},
     ]
-    rows = [train.demo_row(tokenizer, d) for d in demos]
+    rows = [warm_start.demo_row(tokenizer, d) for d in demos]
     args = train.Args(dtype="float32", gradient_checkpointing="off")
     tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
     # micro-batches of one transcript each add up to the batch's token mean
-    nll = sum(train.demo_nll(model, [r], tokens, args, torch.device("cpu"), pad_id=2).item() for r in rows)
+    nll = sum(warm_start.demo_nll(model, [r], tokens, args, torch.device("cpu"), pad_id=2).item() for r in rows)
     # by hand: the plain forward's cross-entropy on every model token (labels shifted by one), one transcript at a time
     total = 0.0
     with torch.no_grad():

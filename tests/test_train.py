@@ -44,6 +44,7 @@ def sync_check() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from atpo_packing import token_log_probs
     from default_model import default_model_path
 
     path = default_model_path()
@@ -60,7 +61,7 @@ def sync_check() -> None:
     def trainer_log_probs() -> torch.Tensor:
         x = torch.tensor([ids])
         with torch.no_grad():
-            return train.token_log_probs(model, x, torch.ones_like(x), torch.ones_like(x), 1.0)[0]
+            return token_log_probs(model, x, torch.ones_like(x), torch.ones_like(x), 1.0)[0]
 
     start = (vllm_log_probs() - trainer_log_probs()).abs().max().item()
     with torch.no_grad():  # a trainer update: perturb a few layers
@@ -142,22 +143,22 @@ def test_two_steps_then_resume(tmp_path):
     assert "summary: 2 RL steps logged" in first and (out / "curves.png").stat().st_size > 10_000
     warm_start_dir = Path(re.search(r"cached in (\S+?)\)", first).group(1))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
+    steps = [r for r in rows if "losses/policy" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert all(torch.isfinite(torch.tensor([r["loss"], r["reward_mean"], r["grad_norm"]])))
-    assert any(r["grad_norm"] > 0 for r in steps)  # rewards differed inside a tree: the policy got a gradient
+        assert all(torch.isfinite(torch.tensor([r["losses/policy"], r["charts/reward"], r["losses/grad_norm"]])))
+    assert any(r["losses/grad_norm"] > 0 for r in steps)  # rewards differed inside a tree: the policy got a gradient
     # the engine generated step 2 with the weights of step 1: its log-probs agree with the trainer's (bf16 noise)
-    assert steps[1]["vllm_logprob_abs_diff"] < 0.1
+    assert steps[1]["losses/vllm_logprob_abs_diff"] < 0.1
     assert (out / "checkpoint" / "model.safetensors").exists() and (out / "checkpoint" / "state.pt").exists()
     trees = json.loads((out / "trees" / "step_000002.json").read_text())  # the trees trained on
-    assert len(trees) == steps[1]["trees_trained"] <= steps[1]["trees_drawn"]
+    assert len(trees) == steps[1]["charts/trees_trained"] <= steps[1]["charts/trees_drawn"]
     assert all(sum(n["end"] is not None for n in t["nodes"]) == 4 for t in trees)
     # step 1 trains the start policy itself: KL 0 exactly; step 2's policy has moved away from it
-    assert steps[0]["kl_to_start"] == 0.0
-    assert steps[1]["kl_to_start"] > 0 or steps[0]["trees_trained"] == 0
+    assert steps[0]["losses/kl_to_start"] == 0.0
+    assert steps[1]["losses/kl_to_start"] > 0 or steps[0]["charts/trees_trained"] == 0
     # --demo-coef: every update also trained on gold transcripts (a step without a kept tree takes no update)
-    assert all((r["demo_nll"] > 0) == (r["trees_trained"] > 0) for r in steps)
+    assert all((r["losses/demo_nll"] > 0) == (r["charts/trees_trained"] > 0) for r in steps)
 
     from safetensors.torch import load_file
 
@@ -170,7 +171,7 @@ def test_two_steps_then_resume(tmp_path):
     stdout = run("--total-steps", "3", "--resume")
     assert "resumed from" in stdout and "at step 2" in stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "losses/policy" in r] == [1, 2, 3]
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
 
     # a retrieval server that answers the start-up probe, then only 500s: the run stops at step 4 with one line
@@ -184,7 +185,7 @@ def test_two_steps_then_resume(tmp_path):
     assert last_line.endswith(f"resume with: python train.py {' '.join(tiny)} --total-steps 4 --retrieval-url {url} --resume")
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if "losses/policy" in r] == [1, 2, 3]
 
 
 @contextlib.contextmanager
@@ -265,14 +266,14 @@ def test_rollout_stats_by_hand():
     a = episode_tree(Task("q", ["a"], "2hop"), [(["search", "search", "answer"], 1.0), (["search", "answer"], 0.0)])
     b = episode_tree(Task("r", ["a"], "1hop"), [(["search", "answer"], 1.0), (["search", "answer"], 1.0)])
     stats = train.rollout_stats([a, b])
-    assert stats["reward_mean"] == pytest.approx(0.75) and stats["em"] == pytest.approx(0.75)
-    assert stats["turns"] == pytest.approx((3 + 2 + 2 + 2) / 4)
-    assert stats["uniform_trees"] == 0.5 and stats["trees_drawn"] == 2
-    assert stats["reward/2hop"] == 0.5 and stats["reward/1hop"] == 1.0
-    assert stats["second_search/2hop"] == 0.5 and stats["second_search/1hop"] == 0.0
+    assert stats["charts/reward"] == pytest.approx(0.75) and stats["charts/em"] == pytest.approx(0.75)
+    assert stats["charts/turns"] == pytest.approx((3 + 2 + 2 + 2) / 4)
+    assert stats["charts/uniform_trees"] == 0.5 and stats["charts/trees_drawn"] == 2
+    assert stats["charts/reward/2hop"] == 0.5 and stats["charts/reward/1hop"] == 1.0
+    assert stats["charts/second_search/2hop"] == 0.5 and stats["charts/second_search/1hop"] == 0.0
     # turn entropies: depth d has log-prob -0.1 d, so entropy 0.1 d at every depth
-    assert stats["entropy/turn1"] == pytest.approx(0.1) and stats["entropy/turn3"] == pytest.approx(0.3)
-    assert stats["generated_tokens"] == 9
+    assert stats["charts/entropy/turn1"] == pytest.approx(0.1) and stats["charts/entropy/turn3"] == pytest.approx(0.3)
+    assert stats["charts/generated_tokens"] == 9
 
 
 def test_a_non_finite_gradient_takes_no_step():
@@ -352,3 +353,14 @@ def test_estimated_minutes_by_hand(monkeypatch):
     monkeypatch.setattr(train, "matmul_gflops", lambda: train.REFERENCE_GFLOPS / 2)  # a machine half as fast
     args = train.Args(total_steps=10, eval_every=4, prompts_per_step=4)  # evaluations before steps 1, 5, 9 and at the end
     assert train.estimated_minutes(args, 80, 300, True) == pytest.approx(2 * (4 * 600 + 10 * 75 * 2) / 60)
+
+
+def test_console_line_uses_the_metric_names_grouped_by_namespace():
+    import train
+
+    record = {"step": 3, "charts/reward": 0.25, "charts/trees_trained": 2, "charts/uniform_trees": 0.5, "losses/policy": -0.001,
+              "losses/kl_to_start": 0.0123456, "time/step": 12.345, "charts/tokens_per_s": 11.26}
+    # CONSOLE's order and selection (uniform_trees is in metrics.jsonl only), the namespace once per group
+    assert train.console_line(record) == ("charts: reward 0.250 trees_trained 2 tokens_per_s 11.3 | "
+                                          "losses: policy -0.0010 kl_to_start 0.0123 | time: step 12.3")
+    assert train.console_line({"step": 0, "eval/em": 0.48, "eval/em/default-1hop": 0.4}) == "eval: em 0.480 em/default-1hop 0.400"

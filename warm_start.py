@@ -1,0 +1,133 @@
+"""The supervised warm start: gold transcripts -> training rows -> supervised steps -> a before/after report, cached.
+
+The default model (SmolLM2-135M) almost never follows the tool format when sampled zero-shot, so RL would see
+nothing but zero rewards. A short supervised fine-tune on gold transcripts (`build_default_task.py` writes them to
+`data/default/demos.jsonl`) teaches the format first: the loss is the token-mean cross-entropy of the model's turns,
+not of the prompt or of the retrieved passages. `train.py` runs it once per setting (`--sft auto`: for the default
+model) and caches the result under `~/.cache/atpo/warm_start/`; a second run starts from the cache. Run alone, this
+file builds that cache and prints its report, with the same flags as train.py:
+
+    .venv/bin/python warm_start.py --seed 2          # the warm start `train.py --seed 2` will start from
+"""
+
+if __name__ == "__main__":  # run alone: the engine, the environment and the evaluation are train.py's (which imports
+    import train  # this file); first, as it sets the engine's thread environment before torch loads
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from atpo_packing import fit_checkpointing, pad, token_log_probs
+from default_model import cache_dir, default_model_path
+from envs import build_prompt
+
+TWO_HOP = "default-2hop"  # the data source of the default task's two-hop questions
+
+
+def load_demos(path: str | Path, source: str = "") -> list[dict]:
+    """Gold transcripts (JSONL: question, data_source, segments [[role, text], ...]); only `source`'s if given."""
+    demos = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [d for d in demos if source in ("", d["data_source"])]
+
+
+def demo_row(tokenizer, demo: dict) -> dict:
+    """A gold transcript as a training row: loss on the model's segments, not on the prompt or observations."""
+    ids = build_prompt(tokenizer, demo["question"])
+    loss_mask = [0] * len(ids)
+    for role, text in demo["segments"]:
+        segment = tokenizer.encode(text, add_special_tokens=False)
+        ids += segment
+        loss_mask += [int(role == "model")] * len(segment)
+    return {"ids": ids, "loss_mask": loss_mask}
+
+
+def demo_nll(model, rows: list[dict], tokens: int, args, device: torch.device, pad_id: int) -> torch.Tensor:
+    """Cross-entropy of gold transcripts (demo_row): summed over the model's tokens of `rows`, divided by `tokens`
+    (the token count of the whole batch, so that micro-batches add up to its token mean)."""
+    ids = pad([r["ids"] for r in rows], pad_id, torch.long).to(device)
+    attention_mask = pad([[1] * len(r["ids"]) for r in rows], 0, torch.long).to(device)
+    loss_mask = pad([r["loss_mask"] for r in rows], 0, torch.long).to(device)
+    fit_checkpointing(model, ids.numel(), args.gradient_checkpointing, args.dtype)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        log_probs = token_log_probs(model, ids, attention_mask, loss_mask, 1.0)
+    return -log_probs.sum() / tokens
+
+
+def supervised_steps(model, tokenizer, demos: list[dict], args, device: torch.device, pad_id: int, progress_bar) -> list[float]:
+    """--sft-steps AdamW steps of --sft-batch transcripts (a --sft-two-hop-frac share two-hop); returns the losses."""
+    model.train()
+    rng = random.Random(args.seed)
+    two_hop = [d for d in demos if d["data_source"] == TWO_HOP]
+    one_hop = [d for d in demos if d["data_source"] != TWO_HOP] or two_hop
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr)
+    losses = []
+    bar = progress_bar(iterable=range(args.sft_steps), desc="warm start", unit="step")
+    for _ in bar:
+        batch = [rng.choice(two_hop if two_hop and rng.random() < args.sft_two_hop_frac else one_hop) for _ in range(args.sft_batch)]
+        rows = [demo_row(tokenizer, d) for d in batch]
+        tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
+        optimizer.zero_grad()
+        total = 0.0
+        for start in range(0, len(rows), args.micro_batch):
+            loss = demo_nll(model, rows[start : start + args.micro_batch], tokens, args, device, pad_id)
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.4f}", refresh=False)  # drawn with the next update
+    return losses
+
+
+def warm_start_dir(args) -> Path:
+    """Where the warm-started policy of these settings is cached (it exists once `report.json` is there)."""
+    base_path = default_model_path() if args.model == "default" else args.model
+    key = json.dumps([base_path, hashlib.sha256(Path(args.sft_demos).read_bytes()).hexdigest(), args.sft_steps,
+                      args.sft_batch, args.sft_lr, args.sft_two_hop_frac, args.seed, args.dtype, args.micro_batch])
+    return cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def build(model, tokenizer, args, device: torch.device, pad_id: int, measure, sync, threads, progress_bar) -> None:
+    """Warm-start `model` (the base model, whose weights the engine also holds) and cache it in warm_start_dir(args):
+    scores before (`measure()`: the engine's evaluation), the supervised steps (inside the context `threads`), the
+    new weights into the engine (`sync()`), scores after, then the model, tokenizer and report on disk."""
+    before = measure()
+    start = time.time()
+    with threads:
+        losses = supervised_steps(model, tokenizer, load_demos(args.sft_demos), args, device, pad_id, progress_bar)
+    minutes = (time.time() - start) / 60
+    sync()
+    after = measure()
+    path = warm_start_dir(args)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    report = {"before": before, "after": after, "minutes": minutes, "losses": losses}
+    (path / "report.json").write_text(json.dumps(report, indent=1))  # written last: the cache is complete
+
+
+def report_lines(args) -> str:
+    """The cached warm start's report as train.py prints it."""
+    path = warm_start_dir(args)
+    report = json.loads((path / "report.json").read_text())
+    lines = [f"warm start ({report['minutes']:.1f} min, cached in {path}); at temperature {args.temperature}:"]
+    for name in ("before", "after"):
+        lines.append(f"  {name:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in report[name].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import tyro
+
+    args = train.parse_args(tyro.cli(train.Args, description=__doc__))
+    if args.resume or not train.wants_sft(args):
+        raise SystemExit("error: warm_start.py builds the warm start of a fresh run: drop --resume, use --sft auto or on")
+    train.prepare(args)  # builds the warm start unless it is cached, and prints the report
+
+
+if __name__ == "__main__":
+    main()

@@ -232,7 +232,7 @@ def report(args, names: list[str]) -> str:
         raise SystemExit(f"no finished runs under {args.out_dir}")
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    budget = (f"{args.total_steps} RL steps, default settings (2 questions x 6 leaves per step), greedy EM on "
+    budget = (f"{args.total_steps} RL steps, train.py's default settings, greedy EM on "
               f"{args.eval_questions} held-out questions every {args.eval_every} steps; mean ± sample std over seeds")
     for group, file, title in [("sampling", "em_vs_step.png", "how the leaves are sampled"), ("sampling", "em_vs_tokens.png", "how the leaves are sampled"),
                                ("loss", "loss_level.png", "loss level (entropy trees, 2 updates per batch)")]:

@@ -96,7 +96,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         check_args(Args(update_threads=-1))
     with pytest.raises(SystemExit, match="no such file: .*missing.jsonl"):
         check_args(Args(train_data=str(tmp_path / "missing.jsonl")))
-    with pytest.raises(SystemExit, match="--num-minibatches 99 is more than the 2 trees of a step"):
+    with pytest.raises(SystemExit, match="--num-minibatches 99 is more than the 4 trees of a step"):
         check_args(Args(num_minibatches=99))
     with pytest.raises(SystemExit, match="not a local folder nor in the Hugging Face cache"):
         check_args(Args(model="no-such-org/no-such-model"))
@@ -139,9 +139,15 @@ def test_two_steps_then_resume(tmp_path):
         assert not warned, warned
         return proc.stdout
 
+    # warm_start.py alone, with train.py's flags, builds (or finds) the warm start; train.py then starts from that
+    # cache without building it again
+    alone = subprocess.run([sys.executable, "warm_start.py", *tiny], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-5000:]
+    warm_start_dir = Path(re.search(r"cached in (\S+?)\)", alone.stdout).group(1))
+    built_at = (warm_start_dir / "report.json").stat().st_mtime_ns
     first = run("--total-steps", "2")
     assert "summary: 2 RL steps logged" in first and (out / "curves.png").stat().st_size > 10_000
-    warm_start_dir = Path(re.search(r"cached in (\S+?)\)", first).group(1))
+    assert f"cached in {warm_start_dir})" in first and (warm_start_dir / "report.json").stat().st_mtime_ns == built_at
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "losses/policy" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -343,15 +349,16 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
 
 def test_estimated_minutes_by_hand(monkeypatch):
     """Default run, warm start not cached: 16 x 25 s + 2 x 80 x 1.5 s (warm start and its two evaluations),
-    2 x 300 x 2 s (greedy evaluations before step 1 and at the end), 20 x 75 s (steps of 2 questions x 6 leaves)."""
+    2 x 300 x 2 s (greedy evaluations before step 1 and at the end), 20 x 2 x 75 s (steps of 4 questions x 6 leaves:
+    twice the reference step of 2 questions)."""
     import train
 
     monkeypatch.setattr(train, "matmul_gflops", lambda: train.REFERENCE_GFLOPS)
     args = train.Args()
-    assert train.estimated_minutes(args, 80, 300, False) == pytest.approx((400 + 240 + 1200 + 1500) / 60)
-    assert train.estimated_minutes(args, 80, 300, True) == pytest.approx((1200 + 1500) / 60)
+    assert train.estimated_minutes(args, 80, 300, False) == pytest.approx((400 + 240 + 1200 + 3000) / 60)
+    assert train.estimated_minutes(args, 80, 300, True) == pytest.approx((1200 + 3000) / 60)
     monkeypatch.setattr(train, "matmul_gflops", lambda: train.REFERENCE_GFLOPS / 2)  # a machine half as fast
-    args = train.Args(total_steps=10, eval_every=4, prompts_per_step=4)  # evaluations before steps 1, 5, 9 and at the end
+    args = train.Args(total_steps=10, eval_every=4)  # evaluations before steps 1, 5, 9 and at the end
     assert train.estimated_minutes(args, 80, 300, True) == pytest.approx(2 * (4 * 600 + 10 * 75 * 2) / 60)
 
 

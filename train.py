@@ -45,7 +45,6 @@ from atpo_tree import Tree, grow_trees
 from curves import draw_curves, load_metrics
 from default_model import default_model_path, is_converted
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
-from warm_start import demo_nll, demo_row, load_demos, warm_start_dir
 
 STOP = ["</search>", "</answer>"]
 MAX_NONFINITE_IN_A_ROW = 3  # steps whose update had a non-finite loss or gradient, in a row, before the run stops
@@ -225,7 +224,7 @@ def main() -> None:
     for task in train_tasks:
         train_pools.setdefault(task.source if args.balance_sources else "", []).append(task)
     pools = list(train_pools.values())
-    demos = load_demos(args.sft_demos, args.demo_source) if args.demo_coef > 0 else []
+    demos = warm_start.load_demos(args.sft_demos, args.demo_source) if args.demo_coef > 0 else []
     if args.demo_coef > 0 and len(demos) < args.demo_batch:
         raise SystemExit(f"error: --demo-coef needs {args.demo_batch} gold transcripts of source {args.demo_source!r} "
                          f"in {args.sft_demos}, found {len(demos)}")
@@ -400,10 +399,10 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
             sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(DEVICE)
             mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
         if args.demo_coef > 0:  # the cross-entropy on gold transcripts (--demo-coef, not in the paper)
-            batch = [demo_row(tokenizer, d) for d in rng.sample(demos, args.demo_batch)]
+            batch = [warm_start.demo_row(tokenizer, d) for d in rng.sample(demos, args.demo_batch)]
             tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
             for start in range(0, len(batch), args.micro_batch):
-                nll = demo_nll(model, batch[start : start + args.micro_batch], tokens, args, DEVICE, pad_id)
+                nll = warm_start.demo_nll(model, batch[start : start + args.micro_batch], tokens, args, DEVICE, pad_id)
                 (args.demo_coef * nll).backward()
                 demo_nlls.append(nll.item())
         for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
@@ -452,7 +451,7 @@ def prepare(args: Args):
     eval_tasks = [ts[i] for i in range(args.eval_questions) for ts in by_source.values() if i < len(ts)][: args.eval_questions]
     warm_tasks = [t for ts in by_source.values() for t in ts[: args.sft_eval_questions]]
     if args.model == "default" and not torch.cuda.is_available():  # (warm_start_dir would convert the model first)
-        cached = not wants_sft(args) or (is_converted() and (warm_start_dir(args) / "report.json").exists())
+        cached = not wants_sft(args) or (is_converted() and (warm_start.warm_start_dir(args) / "report.json").exists())
         minutes = estimated_minutes(args, len(warm_tasks) if wants_sft(args) else 0, len(eval_tasks), cached or args.resume)
         estimate = f"about {minutes:.0f} min on this CPU"
     else:
@@ -466,7 +465,7 @@ def prepare(args: Args):
     from transformers import AutoTokenizer
 
     base_path = default_model_path() if args.model == "default" else args.model
-    sft_dir = warm_start_dir(args) if wants_sft(args) else None
+    sft_dir = warm_start.warm_start_dir(args) if wants_sft(args) else None
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -490,11 +489,11 @@ def prepare(args: Args):
     # the warm start (warm_start.py), measured before and after at the RL temperature; a resumed run has had it
     if sft_dir is not None and not args.resume:
         if policy_path == base_path:
-            warm_start.build(model, tokenizer, args, DEVICE, pad_id,
+            warm_start.build(sft_dir, model, tokenizer, args, DEVICE, pad_id,
                              measure=lambda: evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed),
                              sync=lambda: push_weights(llm, model, TORCH_DTYPES[args.dtype]),
                              threads=update_threads(args), progress_bar=progress_bar)
-        print(warm_start.report_lines(args))
+        print(warm_start.report_lines(sft_dir, args.temperature))
     start_path = str(sft_dir) if sft_dir is not None else base_path
     return tokenizer, pad_id, model, llm, env, train_tasks, eval_tasks, start_path, policy_path
 

@@ -91,10 +91,10 @@ def warm_start_dir(args) -> Path:
     return cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def build(model, tokenizer, args, device: torch.device, pad_id: int, measure, sync, threads, progress_bar) -> None:
-    """Warm-start `model` (the base model, whose weights the engine also holds) and cache it in warm_start_dir(args):
-    scores before (`measure()`: the engine's evaluation), the supervised steps (inside the context `threads`), the
-    new weights into the engine (`sync()`), scores after, then the model, tokenizer and report on disk."""
+def build(path: Path, model, tokenizer, args, device: torch.device, pad_id: int, measure, sync, threads, progress_bar) -> None:
+    """Warm-start `model` (the base model, whose weights the engine also holds) and cache it in `path` (warm_start_dir
+    of these args): scores before (`measure()`: the engine's evaluation), the supervised steps (inside the context
+    `threads`), the new weights into the engine (`sync()`), scores after, then the model, tokenizer and report."""
     before = measure()
     start = time.time()
     with threads:
@@ -102,7 +102,6 @@ def build(model, tokenizer, args, device: torch.device, pad_id: int, measure, sy
     minutes = (time.time() - start) / 60
     sync()
     after = measure()
-    path = warm_start_dir(args)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -110,11 +109,10 @@ def build(model, tokenizer, args, device: torch.device, pad_id: int, measure, sy
     (path / "report.json").write_text(json.dumps(report, indent=1))  # written last: the cache is complete
 
 
-def report_lines(args) -> str:
-    """The cached warm start's report as train.py prints it."""
-    path = warm_start_dir(args)
+def report_lines(path: Path, temperature: float) -> str:
+    """The report of the warm start cached in `path`, as train.py prints it (scores at the RL `temperature`)."""
     report = json.loads((path / "report.json").read_text())
-    lines = [f"warm start ({report['minutes']:.1f} min, cached in {path}); at temperature {args.temperature}:"]
+    lines = [f"warm start ({report['minutes']:.1f} min, cached in {path}); at temperature {temperature}:"]
     for name in ("before", "after"):
         lines.append(f"  {name:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in report[name].items()))
     return "\n".join(lines)

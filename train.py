@@ -239,8 +239,12 @@ def main() -> None:
         start_step = state["step"]
         print(f"resumed from {policy_path} at step {start_step}")
     metrics_path = output_dir / "metrics.jsonl"
-    if metrics_path.exists():  # keep the rows up to the resumed step (a torn last line goes); a fresh run starts afresh
-        kept = [r for r in load_metrics(metrics_path) if r["step"] <= start_step] if args.resume else []
+    if metrics_path.exists():  # a fresh run starts afresh; a resumed one keeps the rows up to its checkpoint's step
+        # (a torn last line goes), less an evaluation of that step that it is about to redo: redone, not skipped, as
+        # the engine's prefix cache then holds what an uninterrupted run's does (a hit changes bf16 log-probs)
+        redone = start_step % args.eval_every == 0 or start_step == args.total_steps
+        kept = [r for r in load_metrics(metrics_path) if r["step"] < start_step
+                or (r["step"] == start_step and not (redone and "eval/em" in r))] if args.resume else []
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if args.track:
         import wandb

@@ -42,7 +42,8 @@ GROUPS = {"sampling": ["entropy", "random", "chains"], "loss": ["loss-turn", "lo
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """train.py's metrics.jsonl; a resumed run logs its resume step's evaluation again: the later row wins."""
+    """train.py's metrics.jsonl; a step's row repeated (runs resumed by a train.py that kept the resume step's
+    evaluation and then evaluated that step again): the later row wins."""
     rows: dict[tuple[int, bool], dict] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:

@@ -9,12 +9,15 @@ import http.server
 import json
 import math
 import os
+import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,14 +125,18 @@ def test_cli_error_is_one_line_and_fast():
 # End to end: warm start, two RL steps, resume
 
 
+# a run small enough for a test: 2 trees of 4 leaves a step, 4 warm-start steps, 2 evaluation questions
+TINY = ["--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3", "--max-turn-tokens", "48",
+        "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2", "--save-every", "1",
+        "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
+        "--demo-coef", "0.1", "--seed", "3"]
+TINY_ENV = {**CHILD_ENV, "ATPO_CACHE": os.environ.get("ATPO_CACHE", str(Path.home() / ".cache" / "atpo"))}
+
+
 def test_two_steps_then_resume(tmp_path):
     out = tmp_path / "run"
-    env = {**CHILD_ENV, "ATPO_CACHE": os.environ.get("ATPO_CACHE", str(Path.home() / ".cache" / "atpo"))}
-    tiny = ["--output-dir", str(out), "--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3",
-            "--max-turn-tokens", "48", "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2",
-            "--eval-every", "100", "--save-every", "1", "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
-            "--demo-coef", "0.1",
-            "--seed", "3"]
+    env = TINY_ENV
+    tiny = ["--output-dir", str(out), *TINY, "--eval-every", "100"]
 
     def run(*extra):
         proc = subprocess.run([sys.executable, "train.py", *tiny, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -192,6 +199,62 @@ def test_two_steps_then_resume(tmp_path):
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "losses/policy" in r] == [1, 2, 3]
+
+
+def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(tmp_path):
+    """SIGKILL a real train.py (during a checkpoint write, right after an evaluation row, at random moments), resume
+    until it finishes: metrics.jsonl and the final weights are exactly those of a run never killed."""
+    from safetensors.torch import load_file
+
+    import train
+
+    flags = [*TINY, "--total-steps", "3", "--eval-every", "2"]  # evaluations at steps 0, 2 and 3
+
+    def start(out: Path, resume: bool) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "train.py", *flags, "--output-dir", str(out), *(["--resume"] if resume else [])],
+                                cwd=ROOT, env=TINY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish(proc: subprocess.Popen) -> None:
+        _, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-5000:]
+
+    def run_values(out: Path) -> list[dict]:  # what a run measured: every row, wall-clock times left out
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "charts/tokens_per_s"} for r in rows]
+
+    begun = time.time()
+    finish(start(tmp_path / "uninterrupted", resume=False))
+    duration = time.time() - begun
+    expected = run_values(tmp_path / "uninterrupted")
+    assert [(r["step"], "losses/policy" in r) for r in expected] == [(0, False), (1, True), (2, True), (2, False), (3, True), (3, False)]
+    weights = load_file(tmp_path / "uninterrupted" / "checkpoint" / "model.safetensors")
+
+    def writing_a_checkpoint(out: Path) -> bool:
+        return (out / "checkpoint.tmp").exists()
+
+    def evaluated_step_2(out: Path) -> bool:  # the evaluation after step 2's checkpoint is in metrics.jsonl
+        path = out / "metrics.jsonl"
+        return path.exists() and '"step": 2, "eval/' in path.read_text()
+
+    def after(seconds: float):
+        return lambda out: time.time() - started > seconds
+
+    rng = random.Random(0)  # two random moments, early enough that the killed run has not ended
+    moments = {"during a checkpoint write": writing_a_checkpoint, "after the step-2 evaluation": evaluated_step_2,
+               **{f"at random moment {i}": after(rng.uniform(0.1, 0.7) * duration) for i in range(2)}}
+    for name, moment in moments.items():
+        out = tmp_path / name.replace(" ", "_")
+        started = time.time()
+        proc = start(out, resume=False)
+        while proc.poll() is None and not moment(out):
+            time.sleep(0.005)
+        assert proc.poll() is None, f"{name}: the run ended before the moment came"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        finish(start(out, resume=train.last_checkpoint(out) is not None))  # no checkpoint yet: start afresh
+        assert run_values(out) == expected, name
+        resumed = load_file(out / "checkpoint" / "model.safetensors")
+        assert all(torch.equal(weights[k], resumed[k]) for k in weights), name
 
 
 @contextlib.contextmanager

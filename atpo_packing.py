@@ -182,13 +182,15 @@ ACTIVATION_BYTES = {"float32": 95, "bfloat16": 70}
 
 def fit_checkpointing(model, tokens: int, mode: str, dtype: str) -> None:
     """Gradient checkpointing on or off for a forward over `tokens` tokens in `dtype` ("float32" / "bfloat16" autocast):
-    mode "on", "off", or "auto": on only when the activations kept for the backward would take more than half the
-    free memory."""
+    mode "on", "off", or "auto": on only when the activations kept for the backward would take more than the
+    training state itself (float32 weights, gradients and two AdamW moments: 16 bytes a parameter) or more than half
+    the free memory, so that activations never dominate the step's memory."""
     on = mode == "on"
     if mode == "auto":
         kept = ACTIVATION_BYTES[dtype] * model.config.num_hidden_layers * model.config.hidden_size * tokens
+        training_state = 16 * sum(p.numel() for p in model.parameters())
         free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available
-        on = kept > free / 2
+        on = kept > min(training_state, free / 2)
     if on != model.is_gradient_checkpointing:
         if on:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

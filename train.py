@@ -186,7 +186,7 @@ class Args:
     """per forward/backward, gradient accumulated: trajectories (path) or whole trees (tree packing)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute activations in the backward pass (less memory, ~30 % more compute); auto: only for a forward
-    whose activations would not fit in half the free memory"""
+    whose kept activations would exceed the training state (16 bytes a parameter) or half the free memory"""
 
     # evaluation and checkpoints
     eval_every: int = 20

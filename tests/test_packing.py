@@ -91,14 +91,21 @@ def test_gradient_checkpointing_changes_no_gradient_and_auto_follows_free_memory
     assert model.is_gradient_checkpointing
     assert (lp_off - lp_on).abs().max().item() <= 1e-6
     assert ((g_off - g_on).norm() / g_off.norm()).item() <= 1e-6
-    # auto: on only when ~70 bytes x layers x hidden x tokens exceed half the free memory
+    # auto: on only when 95 (float32) bytes x layers x hidden x tokens exceed half the free memory or the training
+    # state, 16 bytes a parameter
     monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
     loss_and_grads(model, [tree], packing, "auto")
     assert not model.is_gradient_checkpointing
     monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**20))
     loss_and_grads(model, [tree], packing, "auto")
     assert model.is_gradient_checkpointing
-    model.gradient_checkpointing_disable()
+    monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
+    per_token = 95 * model.config.num_hidden_layers * model.config.hidden_size
+    state_tokens = 16 * sum(p.numel() for p in model.parameters()) / per_token  # SmolLM2-135M: ~1,300 tokens
+    atpo_packing.fit_checkpointing(model, int(state_tokens) + 1, "auto", "float32")
+    assert model.is_gradient_checkpointing
+    atpo_packing.fit_checkpointing(model, int(state_tokens) - 1, "auto", "float32")
+    assert not model.is_gradient_checkpointing
 
 
 def test_packing_counts_each_shared_token_once(tokenizer):

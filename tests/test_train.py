@@ -203,7 +203,7 @@ def test_two_steps_then_resume(tmp_path):
 
 def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(tmp_path):
     """SIGKILL a real train.py (during a checkpoint write, right after an evaluation row, at random moments), resume
-    until it finishes: metrics.jsonl and the final weights are exactly those of a run never killed."""
+    until it finishes: metrics.jsonl is exactly that of a run never killed, the final weights equal to float rounding."""
     from safetensors.torch import load_file
 
     import train
@@ -254,7 +254,10 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(t
         finish(start(out, resume=train.last_checkpoint(out) is not None))  # no checkpoint yet: start afresh
         assert run_values(out) == expected, name
         resumed = load_file(out / "checkpoint" / "model.safetensors")
-        assert all(torch.equal(weights[k], resumed[k]) for k in weights), name
+        # equal to float rounding (bit-equal on an AMX CPU in bf16, not on an AVX2 one in float32); a step applied
+        # twice or lost would move weights by about the learning rate, 1e-4
+        difference = max((weights[k] - resumed[k]).abs().max().item() for k in weights)
+        assert difference <= 1e-6, (name, difference)
 
 
 @contextlib.contextmanager

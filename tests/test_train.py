@@ -202,16 +202,18 @@ def test_two_steps_then_resume(tmp_path):
 
 
 def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(tmp_path):
-    """SIGKILL a real train.py (during a checkpoint write, right after an evaluation row, at random moments), resume
-    until it finishes: metrics.jsonl is exactly that of a run never killed, the final weights equal to float rounding."""
+    """SIGKILL a real train.py three times in one run (during a checkpoint write, right after an evaluation row, at a
+    random moment), resuming after each: its metrics.jsonl ends exactly as that of a run never killed, the final weights
+    equal to float rounding."""
     from safetensors.torch import load_file
 
     import train
 
     flags = [*TINY, "--total-steps", "3", "--eval-every", "2"]  # evaluations at steps 0, 2 and 3
 
-    def start(out: Path, resume: bool) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "train.py", *flags, "--output-dir", str(out), *(["--resume"] if resume else [])],
+    def start(out: Path) -> subprocess.Popen:
+        resume = ["--resume"] if train.last_checkpoint(out) is not None else []  # no checkpoint yet: start afresh
+        return subprocess.Popen([sys.executable, "train.py", *flags, "--output-dir", str(out), *resume],
                                 cwd=ROOT, env=TINY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def finish(proc: subprocess.Popen) -> None:
@@ -222,9 +224,7 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(t
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "charts/tokens_per_s"} for r in rows]
 
-    begun = time.time()
-    finish(start(tmp_path / "uninterrupted", resume=False))
-    duration = time.time() - begun
+    finish(start(tmp_path / "uninterrupted"))
     expected = run_values(tmp_path / "uninterrupted")
     assert [(r["step"], "losses/policy" in r) for r in expected] == [(0, False), (1, True), (2, True), (2, False), (3, True), (3, False)]
     weights = load_file(tmp_path / "uninterrupted" / "checkpoint" / "model.safetensors")
@@ -236,31 +236,30 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(t
         path = out / "metrics.jsonl"
         return path.exists() and '"step": 2, "eval/' in path.read_text()
 
-    def after(seconds: float):
-        return lambda out: time.time() - started > seconds
-
-    rng = random.Random(0)  # a random moment, early enough that the killed run has not ended
-    moments = {"during a checkpoint write": writing_a_checkpoint, "after the step-2 evaluation": evaluated_step_2,
-               "at a random moment": after(rng.uniform(0.1, 0.7) * duration)}
-    for name, moment in moments.items():
-        out = tmp_path / name.replace(" ", "_")
+    # one run killed at each moment in turn, resumed after each kill
+    out, life = tmp_path / "killed", 0.0
+    for name, moment in [("during a checkpoint write", writing_a_checkpoint), ("after the step-2 evaluation", evaluated_step_2),
+                         ("at a random moment", None)]:
         started = time.time()
-        proc = start(out, resume=False)
+        if moment is None:  # this life resumes from step 2 as the last one did from step 1: a moment within its length
+            deadline = started + random.Random(0).uniform(0.1, 0.7) * life
+            moment = lambda out: time.time() > deadline  # noqa: E731
+        proc = start(out)
         while proc.poll() is None and not moment(out):
             time.sleep(0.005)
         assert proc.poll() is None, f"{name}: the run ended before the moment came"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        finish(start(out, resume=train.last_checkpoint(out) is not None))  # no checkpoint yet: start afresh
-        assert run_values(out) == expected, name
-        resumed = load_file(out / "checkpoint" / "model.safetensors")
-        # equal to float rounding (bit-equal on an AMX CPU in bf16, not on an AVX2 one in float32); a step applied
-        # twice or lost would move weights by about the learning rate, 1e-4
-        difference = max((weights[k] - resumed[k]).abs().max().item() for k in weights)
-        assert difference <= 1e-6, (name, difference)
+        life = time.time() - started
+    finish(start(out))
+    assert run_values(out) == expected
+    resumed = load_file(out / "checkpoint" / "model.safetensors")
+    # equal to float rounding (bit-equal on an AMX CPU in bf16, not on an AVX2 one in float32); a step applied
+    # twice or lost would move weights by about the learning rate, 1e-4
+    difference = max((weights[k] - resumed[k]).abs().max().item() for k in weights)
+    assert difference <= 1e-6, difference
 
 
-@contextlib.contextmanager
 def failing_retrieval_server(good_answers: int):
     """A /retrieve server on loopback that answers its first `good_answers` requests with one passage per query,
     then 500 to everything."""

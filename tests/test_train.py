@@ -125,10 +125,8 @@ def test_cli_error_is_one_line_and_fast():
 # End to end: warm start, two RL steps, resume
 
 
-# a run small enough for a test: 2 trees of 4 leaves a step, 4 warm-start steps, 2 evaluation questions, one short
-# passage per search (most of a tree's tokens are passages: this makes an update several times cheaper)
+# a run small enough for a test: 2 trees of 4 leaves a step, 4 warm-start steps, 2 evaluation questions
 TINY = ["--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3", "--max-turn-tokens", "48",
-        "--topk", "1", "--passage-chars", "200",
         "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2", "--save-every", "1",
         "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
         "--demo-coef", "0.1", "--seed", "3"]

@@ -164,9 +164,9 @@ class Args:
     """weight of a cross-entropy on gold transcripts (--sft-demos of --demo-source) added to every update; not in
     the paper: keeps the second search reachable (David-GRPO mixes gold sequences into its groups); 0: off"""
     demo_source: str = "default-2hop"
-    """data source of the gold transcripts of --demo-coef ('': every demonstration)"""
+    """data source of the gold transcripts of --demo-coef ('': every source, drawn in equal numbers per update)"""
     demo_batch: int = 2
-    """gold transcripts per update with --demo-coef"""
+    """gold transcripts per update with --demo-coef (split evenly over the data sources)"""
 
     # optimisation
     total_steps: int = 20
@@ -225,10 +225,7 @@ def main() -> None:
     for task in train_tasks:
         train_pools.setdefault(task.source if args.balance_sources else "", []).append(task)
     pools = list(train_pools.values())
-    demos = warm_start.load_demos(args.sft_demos, args.demo_source) if args.demo_coef > 0 else []
-    if args.demo_coef > 0 and len(demos) < args.demo_batch:
-        raise SystemExit(f"error: --demo-coef needs {args.demo_batch} gold transcripts of source {args.demo_source!r} "
-                         f"in {args.sft_demos}, found {len(demos)}")
+    demo_pools = gold_transcripts(args) if args.demo_coef > 0 else []
 
     # ---- optimizer, resume, logging: one metric scheme (charts/, losses/, eval/, time/) for the console,
     # metrics.jsonl and wandb
@@ -305,7 +302,7 @@ def main() -> None:
         # ---- 3. update: the ATPO loss (spec §3), plus the --kl-coef and --demo-coef terms, on every core
         t0 = time.time()
         with update_threads(args):  # generation goes back to OMP_NUM_THREADS after
-            losses = update(model, reference, optimizer, rows, trees, demos, tokenizer, pad_id, step_rng, args)
+            losses = update(model, reference, optimizer, rows, trees, demo_pools, tokenizer, pad_id, step_rng, args)
         t_train = time.time() - t0 - losses["time/old_log_prob"]  # the update alone
 
         # ---- 4. weight sync into the running engine
@@ -353,8 +350,8 @@ def main() -> None:
     print(summary(rows, output_dir, time.time() - run_start))
 
 
-def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], demos: list[dict], tokenizer, pad_id: int,
-           rng: random.Random, args: Args) -> dict[str, float]:
+def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], demo_pools: list[list[dict]], tokenizer,
+           pad_id: int, rng: random.Random, args: Args) -> dict[str, float]:
     """One step's update: `num_minibatches` optimizer steps, each accumulated over micro-batches (`micro_batch`
     trajectories by path, or `micro_batch` whole trees packed into one row) of
         ATPO loss (spec §3) + kl_coef * KL(pi || start policy) + demo_coef * NLL(gold transcripts).
@@ -404,7 +401,7 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
             sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(DEVICE)
             mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
         if args.demo_coef > 0:  # the cross-entropy on gold transcripts (--demo-coef, not in the paper)
-            batch = [warm_start.demo_row(tokenizer, d) for d in rng.sample(demos, args.demo_batch)]
+            batch = [warm_start.demo_row(tokenizer, d) for d in draw_demos(demo_pools, args.demo_batch, rng)]
             tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
             for start in range(0, len(batch), args.micro_batch):
                 nll = warm_start.demo_nll(model, batch[start : start + args.micro_batch], tokens, args, DEVICE, pad_id)
@@ -533,6 +530,11 @@ def check_args(args: Args) -> None:
     files = [args.train_data, args.test_data] + ([] if args.retrieval_url else [args.corpus])
     files += [args.sft_demos] if wants_sft(args) or args.demo_coef > 0 else []
     problems += [f"no such file: {f}" for f in files if not Path(f).exists()]
+    if args.demo_coef > 0 and Path(args.sft_demos).exists():
+        counts = list(map(len, gold_transcripts(args)))
+        if not counts or min(counts) < math.ceil(args.demo_batch / len(counts)):
+            problems.append(f"--demo-coef: --demo-batch {args.demo_batch} split evenly over the sources needs more gold "
+                            f"transcripts of source {args.demo_source!r} in {args.sft_demos} than {counts}")
     if args.model != "default" and not Path(args.model).exists():
         from huggingface_hub import try_to_load_from_cache
 
@@ -735,6 +737,21 @@ def mean(values: list[float]) -> float:
 def is_uniform(tree: Tree) -> bool:
     """Every leaf got the same reward: every leaf value is 0, so every advantage in the tree is 0."""
     return len({tree.nodes[leaf].reward for leaf in tree.leaves()}) == 1
+
+
+def gold_transcripts(args: Args) -> list[list[dict]]:
+    """The gold transcripts of --demo-coef (--sft-demos of --demo-source), one pool per data source, sorted by source."""
+    by_source: dict[str, list[dict]] = {}
+    for demo in warm_start.load_demos(args.sft_demos, args.demo_source):
+        by_source.setdefault(demo["data_source"], []).append(demo)
+    return [by_source[source] for source in sorted(by_source)]
+
+
+def draw_demos(pools: list[list[dict]], count: int, rng: random.Random) -> list[dict]:
+    """`count` gold transcripts spread evenly over the pools (one per data source; the first pools get one more when
+    count does not divide), drawn without replacement within a pool."""
+    shares = [count // len(pools) + (i < count % len(pools)) for i in range(len(pools))]
+    return [demo for pool, share in zip(pools, shares) for demo in rng.sample(pool, share)]
 
 
 def draw_trees(queues: list[list[Task]], wanted: list[int], grow, rounds: int, drop_uniform: bool) -> tuple[list[Tree], list[Tree]]:

@@ -95,6 +95,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         check_args(Args(k=0))
     with pytest.raises(SystemExit, match="--demo-coef must be >= 0"):
         check_args(Args(demo_coef=-1.0))
+    with pytest.raises(SystemExit, match=r"--demo-batch 2 split evenly .* source 'no-such-source' .* than \[\]"):
+        check_args(Args(demo_coef=1.0, demo_source="no-such-source"))
+    demos = tmp_path / "demos.jsonl"  # one two-hop transcript: too few for a batch of 3, enough for 1
+    demos.write_text(json.dumps({"question": "q", "data_source": "default-2hop", "segments": []}) + "\n")
+    with pytest.raises(SystemExit, match=r"--demo-batch 3 split .* than \[1\]"):
+        check_args(Args(demo_coef=1.0, demo_batch=3, sft_demos=str(demos)))
+    check_args(Args(demo_coef=1.0, demo_batch=1, sft_demos=str(demos)))
+    check_args(Args(demo_coef=1.0, demo_source=""))  # one of each source from the default task's file
     with pytest.raises(SystemExit, match="--update-threads must be >= 0"):
         check_args(Args(update_threads=-1))
     with pytest.raises(SystemExit, match="no such file: .*missing.jsonl"):
@@ -330,6 +338,22 @@ def test_uniform_trees_are_dropped_and_replaced_from_their_own_source():
     assert [t.task.question for t in kept] == [] and len(drawn) == 2
     drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grow, rounds=1, drop_uniform=False)
     assert [t.task.question for t in kept] == ["q1-4", "q2-4"]
+
+
+def test_gold_transcripts_are_split_evenly_over_the_sources():
+    import train
+
+    one_hop = [{"id": f"1-{i}"} for i in range(6)]  # 3:1 as in the default task's demos.jsonl
+    two_hop = [{"id": f"2-{i}"} for i in range(2)]
+    for seed in range(20):
+        ids = [d["id"] for d in train.draw_demos([one_hop, two_hop], 2, random.Random(seed))]
+        assert ids[0].startswith("1-") and ids[1].startswith("2-")  # one of each, whatever the pool sizes
+        ids = [d["id"] for d in train.draw_demos([one_hop, two_hop], 3, random.Random(seed))]
+        assert [i[0] for i in ids] == ["1", "1", "2"] and len(set(ids)) == 3  # the first pool takes the extra one
+        ids = [d["id"] for d in train.draw_demos([two_hop, one_hop], 4, random.Random(seed))]
+        assert sorted(ids[:2]) == ["2-0", "2-1"] and len(set(ids)) == 4  # without replacement within a pool
+    # one source: the same draw as random.sample on it (what --demo-source default-2hop did before the split)
+    assert train.draw_demos([one_hop], 2, random.Random(5)) == random.Random(5).sample(one_hop, 2)
 
 
 def test_rollout_stats_by_hand():

@@ -141,31 +141,53 @@ TINY = ["--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-tu
 TINY_ENV = {**CHILD_ENV, "ATPO_CACHE": os.environ.get("ATPO_CACHE", str(Path.home() / ".cache" / "atpo"))}
 
 
-def test_two_steps_then_resume(tmp_path):
-    out = tmp_path / "run"
-    env = TINY_ENV
-    tiny = ["--output-dir", str(out), *TINY, "--eval-every", "100"]
+def tiny_run(out: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *TINY, "--output-dir", str(out), *extra], cwd=ROOT, env=TINY_ENV,
+                          capture_output=True, text=True, timeout=timeout)
 
-    def run(*extra):
-        proc = subprocess.run([sys.executable, "train.py", *tiny, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        # the console holds our own lines: no third-party warning (they are hidden unless --verbose)
-        warned = [line for line in (proc.stdout + proc.stderr).splitlines() if re.search(r"warn", line, re.IGNORECASE)]
-        assert not warned, warned
-        return proc.stdout
 
-    # warm_start.py alone, with train.py's flags, builds (or finds) the warm start; train.py then starts from that
-    # cache without building it again
-    alone = subprocess.run([sys.executable, "warm_start.py", *tiny], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def run_values(out: Path) -> list[dict]:
+    """What a run measured: every row of metrics.jsonl, wall-clock times left out."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "charts/tokens_per_s"} for r in rows]
+
+
+THREE_STEPS = ["--total-steps", "3", "--eval-every", "2"]  # evaluations at steps 0, 2 and 3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """One tiny run of 3 steps never interrupted, shared by the end-to-end tests: warm_start.py alone first (it builds
+    or finds the warm start), then train.py. Returns its output folder, console, metrics and final weights, read
+    before any test touches the folder."""
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    alone = subprocess.run([sys.executable, "warm_start.py", *TINY, "--output-dir", str(out)], cwd=ROOT, env=TINY_ENV,
+                           capture_output=True, text=True, timeout=900)
     assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-5000:]
     warm_start_dir = Path(re.search(r"cached in (\S+?)\)", alone.stdout).group(1))
     built_at = (warm_start_dir / "report.json").stat().st_mtime_ns
-    first = run("--total-steps", "2")
-    assert "summary: 2 RL steps logged" in first and (out / "curves.png").stat().st_size > 10_000
-    assert f"cached in {warm_start_dir})" in first and (warm_start_dir / "report.json").stat().st_mtime_ns == built_at
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    proc = tiny_run(out, *THREE_STEPS)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "warm_start_dir": warm_start_dir,
+            "built_at": built_at, "values": run_values(out), "weights": load_file(out / "checkpoint" / "model.safetensors")}
+
+
+def test_a_tiny_run_end_to_end(uninterrupted, tmp_path):
+    from safetensors.torch import load_file
+
+    out, stdout, warm_start_dir = uninterrupted["out"], uninterrupted["stdout"], uninterrupted["warm_start_dir"]
+    # the console holds our own lines: no third-party warning (they are hidden unless --verbose)
+    warned = [line for line in (stdout + uninterrupted["stderr"]).splitlines() if re.search(r"warn", line, re.IGNORECASE)]
+    assert not warned, warned
+    assert "summary: 3 RL steps logged" in stdout and (out / "curves.png").stat().st_size > 10_000
+    # train.py started from the cache warm_start.py built (or found) without building it again
+    assert f"cached in {warm_start_dir})" in stdout
+    assert (warm_start_dir / "report.json").stat().st_mtime_ns == uninterrupted["built_at"]
+    rows = uninterrupted["values"]
+    assert [(r["step"], "losses/policy" in r) for r in rows] == [(0, False), (1, True), (2, True), (2, False), (3, True), (3, False)]
     steps = [r for r in rows if "losses/policy" in r]
-    assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert all(torch.isfinite(torch.tensor([r["losses/policy"], r["charts/reward"], r["losses/grad_norm"]])))
     assert any(r["losses/grad_norm"] > 0 for r in steps)  # rewards differed inside a tree: the policy got a gradient
@@ -180,62 +202,39 @@ def test_two_steps_then_resume(tmp_path):
     assert steps[1]["losses/kl_to_start"] > 0 or steps[0]["charts/trees_trained"] == 0
     # --demo-coef: every update also trained on gold transcripts (a step without a kept tree takes no update)
     assert all((r["losses/demo_nll"] > 0) == (r["charts/trees_trained"] > 0) for r in steps)
-
-    from safetensors.torch import load_file
-
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
-    assert state["step"] == 2
-    initial = load_file(warm_start_dir / "model.safetensors")
-    trained = load_file(out / "checkpoint" / "model.safetensors")
-    assert any(not torch.equal(initial[k], trained[k]) for k in trained)  # the policy weights changed
-
-    stdout = run("--total-steps", "3", "--resume")
-    assert "resumed from" in stdout and "at step 2" in stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "losses/policy" in r] == [1, 2, 3]
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    initial = load_file(warm_start_dir / "model.safetensors")
+    assert any(not torch.equal(initial[k], uninterrupted["weights"][k]) for k in initial)  # the policy weights changed
 
-    # a retrieval server that answers the start-up probe, then only 500s: the run stops at step 4 with one line
-    # naming the server and the --resume command; checkpoint and metrics stay those of step 3
+    # resumed with one more step, from a retrieval server that answers the start-up probe, then only 500s: the run
+    # stops at step 4 with one line naming the server and the --resume command; checkpoint and metrics stay step 3's
+    resumed = tmp_path / "run"
+    shutil.copytree(out, resumed)
+    tiny = [*TINY, "--output-dir", str(resumed)]
     with failing_retrieval_server(good_answers=1) as url:
-        proc = subprocess.run([sys.executable, "train.py", *tiny, "--total-steps", "4", "--resume", "--retrieval-url", url],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        proc = tiny_run(resumed, "--total-steps", "4", "--eval-every", "2", "--resume", "--retrieval-url", url)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: retrieval server {url}") and "nothing of the failed step was trained" in last_line
-    assert last_line.endswith(f"resume with: python train.py {' '.join(tiny)} --total-steps 4 --retrieval-url {url} --resume")
-    assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "losses/policy" in r] == [1, 2, 3]
+    assert last_line.endswith(f"resume with: python train.py {' '.join(tiny)} --total-steps 4 --eval-every 2 "
+                              f"--retrieval-url {url} --resume")
+    assert torch.load(resumed / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    assert run_values(resumed) == rows
 
 
-def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(tmp_path):
+def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(uninterrupted, tmp_path):
     """SIGKILL a real train.py three times in one run (during a checkpoint write, right after an evaluation row, at a
-    random moment), resuming after each: its metrics.jsonl ends exactly as that of a run never killed, the final weights
-    equal to float rounding."""
+    random moment), resuming after each: its metrics.jsonl ends as that of a run never killed and its final weights
+    equal that run's, both to float rounding."""
     from safetensors.torch import load_file
 
     import train
 
-    flags = [*TINY, "--total-steps", "3", "--eval-every", "2"]  # evaluations at steps 0, 2 and 3
-
     def start(out: Path) -> subprocess.Popen:
         resume = ["--resume"] if train.last_checkpoint(out) is not None else []  # no checkpoint yet: start afresh
-        return subprocess.Popen([sys.executable, "train.py", *flags, "--output-dir", str(out), *resume],
+        return subprocess.Popen([sys.executable, "train.py", *TINY, *THREE_STEPS, "--output-dir", str(out), *resume],
                                 cwd=ROOT, env=TINY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def finish(proc: subprocess.Popen) -> None:
-        _, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, stderr[-5000:]
-
-    def run_values(out: Path) -> list[dict]:  # what a run measured: every row, wall-clock times left out
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "charts/tokens_per_s"} for r in rows]
-
-    finish(start(tmp_path / "uninterrupted"))
-    expected = run_values(tmp_path / "uninterrupted")
-    assert [(r["step"], "losses/policy" in r) for r in expected] == [(0, False), (1, True), (2, True), (2, False), (3, True), (3, False)]
-    weights = load_file(tmp_path / "uninterrupted" / "checkpoint" / "model.safetensors")
 
     def writing_a_checkpoint(out: Path) -> bool:  # step 2's, written aside while step 1's is in place
         return (out / "checkpoint.tmp").exists() and (out / "checkpoint").exists()
@@ -259,12 +258,19 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(t
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         life = time.time() - started
-    finish(start(out))
-    assert run_values(out) == expected
+    proc = start(out)
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-5000:]
+    # equal to float rounding: on an AVX2 CPU in float32 a step after a resume has differed in the last bits of its
+    # floats (an engine loaded from the checkpoint against one given the same weights by push_weights); every count,
+    # reward and sampled token stays the same, and a step lost or applied twice changes far more
+    killed, expected = run_values(out), uninterrupted["values"]
+    assert len(killed) == len(expected)
+    for got, want in zip(killed, expected):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     resumed = load_file(out / "checkpoint" / "model.safetensors")
-    # equal to float rounding (bit-equal on an AMX CPU in bf16, not on an AVX2 one in float32); a step applied
-    # twice or lost would move weights by about the learning rate, 1e-4
-    difference = max((weights[k] - resumed[k]).abs().max().item() for k in weights)
+    # a step applied twice or lost would move weights by about the learning rate, 1e-4
+    difference = max((uninterrupted["weights"][k] - resumed[k]).abs().max().item() for k in resumed)
     assert difference <= 1e-6, difference
 
 

@@ -1,15 +1,16 @@
 """Where an RL step's time goes, how fast it is against the previous defaults and against plain vLLM, and what a
 turn-level tree saves over independent chains.
 
-    python -m benchmarks.bench_step            (from the repository root; reuses the cached warm start)
+    python -m benchmarks.bench_step            (from the repository root; builds the warm start of --seed if not cached)
 
 1. Step time, side by side: `train.py` step 1 (same seed: the same questions, trees and losses) with the current
    defaults and with the previous ones (the update on 1 thread, gradient checkpointing on), interleaved over
-   repeats; the time split train.py records and the peak resident memory of each process.
+   repeats; the time split train.py records and the peak resident memory of each process (the warm start is built
+   or read first, in a process of its own, so that no step's peak is the warm start's).
 2. Rollout speed: the trees of train.py's defaults for some training questions, each vLLM call recorded; then
    every recorded context again in one plain `llm.generate` call (same sampling settings): generated tokens/s.
 3. The update's achieved FLOP/s (forward + backward of one micro-batch of those trees, ~6 x parameters x tokens)
-   beside a plain float32 matmul's on the same threads.
+   beside a plain matmul's in the same dtype on the same threads.
 4. Tree vs chains on the same questions and leaf budget: generated tokens and wall time (goal: tree <= 0.6x).
 The two ratio lines of 1 and 2 are printed last.
 """
@@ -34,20 +35,26 @@ PARTS = ["time/rollout", "time/env", "time/credit", "time/old_log_prob", "time/t
 PREVIOUS = ["--update-threads", "1", "--gradient-checkpointing", "on"]
 
 
+def run(script: str, out: str, flags: list[str]) -> tuple[float, str]:
+    """`script` with `flags` in a child process writing to `out`: the child's own peak RSS in GiB, its stdout."""
+    with open(Path(out) / "log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, script, "--output-dir", out, *flags], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: KiB on Linux
+        log.seek(0)
+        stdout = log.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(stdout[-4000:])
+    return usage.ru_maxrss / 2**20, stdout
+
+
 def train_step(extra: list[str], seed: int) -> tuple[dict, float, str]:
     """One train.py step (no evaluation, nothing saved): its metrics row, the process's peak RSS in GiB, stdout."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train.py", "--total-steps", "1", "--eval-questions", "0", "--output-dir", out,
-               "--save-every", "1000", "--save-trees-every", "0", "--seed", str(seed), *extra]
-        with open(Path(out) / "log", "w+") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-            _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS (KiB on Linux)
-            log.seek(0)
-            stdout = log.read()
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(stdout[-4000:])
+        rss, stdout = run("train.py", out, ["--total-steps", "1", "--eval-questions", "0", "--save-every", "1000",
+                                            "--save-trees-every", "0", "--seed", str(seed), *extra])
         row = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"losses/policy"' in line][0]
-    return row, usage.ru_maxrss / 2**20, stdout
+    return row, rss, stdout
 
 
 def step_seconds(row: dict) -> float:
@@ -61,7 +68,11 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=16, help="questions for the rollout and tree-vs-chains parts")
     args = parser.parse_args()
 
-    # ---- 1. a default step against a step with the previous defaults, interleaved
+    # ---- 1. a default step against a step with the previous defaults, interleaved, after the warm start is cached
+    with tempfile.TemporaryDirectory() as out:  # in its own process, so that no step's peak RSS is the warm start's
+        start = time.perf_counter()
+        rss, _ = run("warm_start.py", out, ["--seed", str(args.seed)])
+        print(f"warm start of seed {args.seed} (built or read from the cache): {time.perf_counter() - start:.0f} s, peak RSS {rss:.2f} GiB")
     runs = {"defaults": [], "previous": []}
     for _ in range(args.repeats):
         for name, extra in (("defaults", []), ("previous", PREVIOUS)):
@@ -134,7 +145,8 @@ def main() -> None:
         start = time.perf_counter()
         train.response_log_probs(model, rows, trees, settings, 2).sum().backward()
         update_seconds = time.perf_counter() - start
-        a = torch.randn(2048, 2048)
+        checkpointing = model.is_gradient_checkpointing  # as train.py's "auto" set it for these tokens
+        a = torch.randn(2048, 2048, dtype=train.TORCH_DTYPES[settings.dtype])  # the update's matmul dtype
         a @ a
         start = time.perf_counter()
         for _ in range(5):
@@ -142,8 +154,9 @@ def main() -> None:
         matmul_flops = 5 * 2 * 2048**3 / (time.perf_counter() - start)
     answer_tokens = sum(sum(r["traj"].response_mask) for r in rows)
     update_flops = (6 * body * tokens + 6 * model.config.vocab_size * model.config.hidden_size * answer_tokens) / update_seconds
-    print(f"update, forward+backward of {settings.micro_batch} packed trees ({tokens} tokens, {threads} threads): "
-          f"{update_seconds:.1f} s, {update_flops / 1e9:.1f} GFLOP/s; plain 2048x2048 float32 matmul "
+    print(f"update, forward+backward of {settings.micro_batch} packed trees ({tokens} tokens, {threads} threads, "
+          f"{settings.dtype}, gradient checkpointing {'on: its second forward not counted' if checkpointing else 'off'}): "
+          f"{update_seconds:.1f} s, {update_flops / 1e9:.1f} GFLOP/s; plain 2048x2048 {settings.dtype} matmul "
           f"{matmul_flops / 1e9:.1f} GFLOP/s; update / matmul {update_flops / matmul_flops:.2f}")
 
     # ---- 4. tree vs chains on the same questions and the same leaf budget

@@ -160,10 +160,11 @@ class Args:
     """upper clip range of the ratio"""
     kl_coef: float = 0.0
     """weight of a k3 KL penalty to the policy RL started from (the warm start); 0: the paper's loss, no KL"""
-    demo_coef: float = 0.0
+    demo_coef: float | None = None
     """weight of a cross-entropy on gold transcripts (--sft-demos of --demo-source) added to every update; not in
-    the paper: keeps the second search reachable (David-GRPO mixes gold sequences into its groups); 0: off"""
-    demo_source: str = "default-2hop"
+    the paper: keeps the second search reachable (David-GRPO mixes gold sequences into its groups); 0: off; None:
+    1.0 where the warm start runs (its transcripts), 0 elsewhere (README: what it changed on 7 seeds)"""
+    demo_source: str = ""
     """data source of the gold transcripts of --demo-coef ('': every source, drawn in equal numbers per update)"""
     demo_batch: int = 2
     """gold transcripts per update with --demo-coef (split evenly over the data sources)"""
@@ -200,6 +201,10 @@ class Args:
     """checkpoints kept on disk: the newest as checkpoint/, older ones as checkpoint.step_N/"""
     save_trees_every: int = 10
     """save the step's rollout trees as JSON every N steps (0: never)"""
+
+    def __post_init__(self):
+        if self.demo_coef is None:  # the gold transcripts of the warm start, where it runs
+            self.demo_coef = 1.0 if wants_sft(self) else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -462,7 +467,9 @@ def prepare(args: Args):
           f"{len(train_tasks)} training / {len(test_tasks)} test questions from {Path(args.train_data).parent}; "
           f"{'a warm start on gold transcripts (cached after the first run), then ' if wants_sft(args) else ''}"
           f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of "
-          f"{args.m + args.l * args.k} leaves; {args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; "
+          f"{args.m + args.l * args.k} leaves"
+          f"{f', plus {args.demo_batch} gold transcripts (x {args.demo_coef:g}) in every update' if args.demo_coef > 0 else ''}; "
+          f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; "
           f"output in {output_dir} ({estimate})")
     from transformers import AutoTokenizer
 

@@ -8,7 +8,8 @@ turn-level tree saves over independent chains.
    repeats; the time split train.py records and the peak resident memory of each process (the warm start is built
    or read first, in a process of its own, so that no step's peak is the warm start's).
 2. Rollout speed: the trees of train.py's defaults for some training questions, each vLLM call recorded; then
-   every recorded context again in one plain `llm.generate` call (same sampling settings): generated tokens/s.
+   every recorded context again in one plain `llm.generate` call (same sampling settings), and once more in the
+   rollout's own calls (the batches a turn-by-turn rollout cannot merge): generated tokens/s.
 3. The update's achieved FLOP/s (forward + backward of one micro-batch of those trees, ~6 x parameters x tokens)
    beside a plain matmul's in the same dtype on the same threads.
 4. Tree vs chains on the same questions and leaf budget: generated tokens and wall time (goal: tree <= 0.6x).
@@ -112,10 +113,10 @@ def main() -> None:
     tasks = random.Random(0).sample(load_tasks(DEFAULT_TASK_DIR / "train.jsonl"), args.questions)
     prompts = [build_prompt(tokenizer, t.question) for t in tasks]
     generate = train.make_generate(llm, settings, random.Random(0), settings.temperature)
-    contexts = []
+    calls = []  # the contexts of each vLLM call, in order
 
     def recording_generate(batch):
-        contexts.extend(batch)
+        calls.append(list(batch))
         return generate(batch)
 
     start = time.perf_counter()
@@ -123,15 +124,24 @@ def main() -> None:
                        mode="entropy", rng=random.Random(0))
     rollout_seconds = time.perf_counter() - start
     rollout_tokens = sum(len(n.token_ids) for t in trees for n in t.nodes)
+    contexts = [c for batch in calls for c in batch]
     plain = train.make_generate(llm, settings, random.Random(0), settings.temperature)
     llm.reset_prefix_cache()
     start = time.perf_counter()
     plain_tokens = sum(len(ids) for ids, _ in plain(contexts))
     plain_seconds = time.perf_counter() - start
+    # the same contexts again in the rollout's own calls (a turn waits on the observation of the turn before it):
+    # what is left between this and the rollout is the tree code's own cost
+    llm.reset_prefix_cache()
+    start = time.perf_counter()
+    replay_tokens = sum(len(ids) for batch in calls for ids, _ in plain(batch))
+    replay_seconds = time.perf_counter() - start
     rollout_speed, plain_speed = rollout_tokens / rollout_seconds, plain_tokens / plain_seconds
     print(f"rollout, {args.questions} trees of train.py's defaults: {rollout_tokens} tokens in {rollout_seconds:.1f} s, "
-          f"{rollout_speed:.0f} tok/s over {len(contexts)} contexts; plain vLLM, the same contexts in one call: "
-          f"{plain_tokens} tokens in {plain_seconds:.1f} s, {plain_speed:.0f} tok/s")
+          f"{rollout_speed:.0f} tok/s over {len(contexts)} contexts in {len(calls)} calls (sizes "
+          f"{' '.join(str(len(b)) for b in calls)}); plain vLLM, the same contexts in one call: {plain_tokens} tokens "
+          f"in {plain_seconds:.1f} s, {plain_speed:.0f} tok/s; in the rollout's calls: {replay_tokens} tokens in "
+          f"{replay_seconds:.1f} s, {replay_tokens / replay_seconds:.0f} tok/s")
 
     # ---- 3. the update's FLOP/s beside a plain matmul's, on the update's threads
     model = load_policy(path, torch.device("cpu")).train()

@@ -88,6 +88,25 @@ def test_weight_sync_makes_vllm_match_the_trainer():
 # Bad input fails before any model loads
 
 
+def test_demo_coef_defaults_to_on_only_where_the_warm_start_runs():
+    """--demo-coef None (the default): 1.0 where the warm start runs (its gold transcripts are the task's), 0 for a
+    user's model without one; a value given is kept, also through tyro's parser."""
+    import tyro
+
+    from train import Args
+
+    assert Args().demo_coef == 1.0  # the default model: --sft auto runs the warm start
+    assert Args(sft="off").demo_coef == 0.0
+    assert Args(model="/my/model").demo_coef == 0.0  # --sft auto: no warm start for a user's model
+    assert Args(model="/my/model", sft="on").demo_coef == 1.0
+    assert Args(sft="off", demo_coef=0.3).demo_coef == 0.3
+    assert Args(demo_coef=0.0).demo_coef == 0.0
+    assert tyro.cli(Args, args=[]).demo_coef == 1.0
+    assert tyro.cli(Args, args=["--sft", "off"]).demo_coef == 0.0
+    assert tyro.cli(Args, args=["--demo-coef", "0"]).demo_coef == 0.0
+    assert tyro.cli(Args, args=["--sft", "off", "--demo-coef", "0.5"]).demo_coef == 0.5
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
     from train import Args, check_args
 
@@ -201,6 +220,7 @@ def test_a_tiny_run_end_to_end(uninterrupted, tmp_path):
     assert steps[0]["losses/kl_to_start"] == 0.0
     assert steps[1]["losses/kl_to_start"] > 0 or steps[0]["charts/trees_trained"] == 0
     # --demo-coef: every update also trained on gold transcripts (a step without a kept tree takes no update)
+    assert "plus 2 gold transcripts (x 0.1) in every update" in next(l for l in stdout.splitlines() if l.startswith("atpo: "))
     assert all((r["losses/demo_nll"] > 0) == (r["charts/trees_trained"] > 0) for r in steps)
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
     initial = load_file(warm_start_dir / "model.safetensors")

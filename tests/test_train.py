@@ -216,9 +216,10 @@ def test_a_tiny_run_end_to_end(uninterrupted, tmp_path):
     trees = json.loads((out / "trees" / "step_000002.json").read_text())  # the trees trained on
     assert len(trees) == steps[1]["charts/trees_trained"] <= steps[1]["charts/trees_drawn"]
     assert all(sum(n["end"] is not None for n in t["nodes"]) == 4 for t in trees)
-    # step 1 trains the start policy itself: KL 0 exactly; step 2's policy has moved away from it
+    # step 1 trains the start policy itself: KL 0 exactly; the next step that trains a tree has moved away from it
     assert steps[0]["losses/kl_to_start"] == 0.0
-    assert steps[1]["losses/kl_to_start"] > 0 or steps[0]["charts/trees_trained"] == 0
+    later = [r for r in steps[1:] if r["charts/trees_trained"] > 0]
+    assert steps[0]["charts/trees_trained"] == 0 or not later or later[0]["losses/kl_to_start"] > 0
     # --demo-coef: every update also trained on gold transcripts (a step without a kept tree takes no update)
     assert "plus 2 gold transcripts (x 0.1) in every update" in next(l for l in stdout.splitlines() if l.startswith("atpo: "))
     assert all((r["losses/demo_nll"] > 0) == (r["charts/trees_trained"] > 0) for r in steps)

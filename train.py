@@ -839,15 +839,18 @@ def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, p
 # Evaluation and the console
 
 
-# The parts of a default run timed alone on the 2-core AVX2 CPU this project is measured on (README), and that
-# CPU's single-thread float32 matmul speed: `estimated_minutes` scales them by this machine's.
-REFERENCE_GFLOPS = 90.0  # 85-92 measured on that CPU, quiet, with 1 thread
-REFERENCE_SECONDS = {"warm_start_step": 25.0, "sampled_question": 1.5, "greedy_question": 2.0, "rl_step": 75.0}
+# The parts of a default run timed alone on two 2-core reference CPUs (README), one for each dtype --dtype auto picks
+# on a CPU (float32 on an AVX2 CPU, bfloat16 on one with AVX512-BF16), with that CPU's single-thread matmul speed in
+# that dtype: `estimated_minutes` scales them by this machine's.
+REFERENCE = {
+    "float32": {"gflops": 90.0, "warm_start_step": 25.0, "sampled_question": 1.5, "greedy_question": 2.0, "rl_step": 75.0},
+    "bfloat16": {"gflops": 370.0, "warm_start_step": 14.0, "sampled_question": 0.4, "greedy_question": 0.38, "rl_step": 35.0},
+}
 
 
-def matmul_gflops(seconds: float = 0.3) -> float:
-    """This machine's float32 matmul speed on the current threads (1 before vLLM starts), timed for `seconds`."""
-    a = torch.randn(256, 256)
+def matmul_gflops(dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """This machine's matmul speed in `dtype` on the current threads (1 before vLLM starts), timed for `seconds`."""
+    a = torch.randn(256, 256, dtype=dtype)
     flops, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ a
@@ -856,16 +859,17 @@ def matmul_gflops(seconds: float = 0.3) -> float:
 
 
 def estimated_minutes(args: Args, warm_start_questions: int, eval_questions: int, warm_start_cached: bool) -> float:
-    """About how long a run of the default model takes on this CPU: the reference timings times this run's work
-    (warm start if not cached, evaluations, RL steps scaled by questions x leaves), scaled by the matmul speed."""
-    ref = REFERENCE_SECONDS
+    """About how long a run of the default model takes on this CPU: the reference timings of its dtype times this
+    run's work (warm start if not cached, evaluations, RL steps scaled by questions x leaves), scaled by the matmul
+    speed."""
+    ref = REFERENCE[args.dtype]
     seconds = 0.0
     if not warm_start_cached:
         seconds += args.sft_steps * ref["warm_start_step"] + 2 * warm_start_questions * ref["sampled_question"]
     evaluations = len(range(0, args.total_steps, args.eval_every)) + 1 if eval_questions else 0
     seconds += evaluations * eval_questions * ref["greedy_question"]
     seconds += args.total_steps * ref["rl_step"] * args.prompts_per_step * (args.m + args.l * args.k) / (2 * 6)
-    return seconds / 60 * REFERENCE_GFLOPS / matmul_gflops()
+    return seconds / 60 * ref["gflops"] / matmul_gflops(TORCH_DTYPES[args.dtype])
 
 
 def progress_bar(**kwargs):

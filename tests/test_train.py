@@ -465,17 +465,20 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
 
 
 def test_estimated_minutes_by_hand(monkeypatch):
-    """Default run, warm start not cached: 16 x 25 s + 2 x 80 x 1.5 s (warm start and its two evaluations),
-    2 x 300 x 2 s (greedy evaluations before step 1 and at the end), 20 x 2 x 75 s (steps of 4 questions x 6 leaves:
-    twice the reference step of 2 questions)."""
+    """Default run in float32, warm start not cached: 16 x 25 s + 2 x 80 x 1.5 s (warm start and its two
+    evaluations), 2 x 300 x 2 s (greedy evaluations before step 1 and at the end), 20 x 2 x 75 s (steps of 4
+    questions x 6 leaves: twice the reference step of 2 questions). In bfloat16 the other reference CPU's timings."""
     import train
 
-    monkeypatch.setattr(train, "matmul_gflops", lambda: train.REFERENCE_GFLOPS)
-    args = train.Args()
+    speeds = {torch.float32: 90.0, torch.bfloat16: 370.0}  # the reference CPUs' own matmul speeds
+    monkeypatch.setattr(train, "matmul_gflops", lambda dtype: speeds[dtype])
+    args = train.Args(dtype="float32")
     assert train.estimated_minutes(args, 80, 300, False) == pytest.approx((400 + 240 + 1200 + 3000) / 60)
     assert train.estimated_minutes(args, 80, 300, True) == pytest.approx((1200 + 3000) / 60)
-    monkeypatch.setattr(train, "matmul_gflops", lambda: train.REFERENCE_GFLOPS / 2)  # a machine half as fast
-    args = train.Args(total_steps=10, eval_every=4)  # evaluations before steps 1, 5, 9 and at the end
+    args = train.Args(dtype="bfloat16")  # 16 x 14 + 2 x 80 x 0.4 + 2 x 300 x 0.38 + 20 x 2 x 35
+    assert train.estimated_minutes(args, 80, 300, False) == pytest.approx((224 + 64 + 228 + 1400) / 60)
+    speeds = {torch.float32: 45.0, torch.bfloat16: 185.0}  # a machine half as fast
+    args = train.Args(dtype="float32", total_steps=10, eval_every=4)  # evaluations before steps 1, 5, 9 and at the end
     assert train.estimated_minutes(args, 80, 300, True) == pytest.approx(2 * (4 * 600 + 10 * 75 * 2) / 60)
 
 

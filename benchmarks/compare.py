@@ -2,14 +2,18 @@
 loss level (turn = ATPO, sequence = GSPO, token = PPO), several seeds each.
 
     .venv/bin/python -m benchmarks.compare                  # runs what is missing (resumes stopped runs), then reports
-    .venv/bin/python -m benchmarks.compare --report-only    # re-reads the runs and rewrites the report
+    .venv/bin/python -m benchmarks.compare --report-only    # re-reads the kept results and rewrites the report
 
-Every run is `train.py` with the default settings except the setting's own flags: the same leaves per question
-(M + L*K), questions per step, steps, evaluation questions and warm start (the default warm start of seed 1,
-passed as `--model`, so seeds differ in the RL phase only). Runs go to `--out-dir/<setting>/seed<k>/`, one process
-each, `--parallel` at a time; every run checkpoints at each evaluation, so a stopped comparison resumes where it
-stopped. The report (`--results-dir`): `compare.md` (the table), `em_vs_step.png`, `em_vs_tokens.png`,
-`loss_level.png`; with `--readme`, the table also replaces the block between the `compare:begin`/`compare:end`
+Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out
+questions) plus the setting's own flags and `--eval-every`: the same leaves per question (M + L*K), questions per
+step, steps and evaluation for every setting. The settings of one seed start from the same warm start (built
+first by `warm_start.py --seed N`, cached), so the report also gives each setting's difference from AT²PO seed by
+seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
+time; each checkpoints at its evaluations, so a stopped comparison resumes where it stopped. A finished run's
+metrics are kept in `--results-dir/compare/<setting>/seed<N>_<dtype>.jsonl` (committed: the comparison grows over
+machines and sessions; the dtype, which `--dtype auto` picks by CPU, is in the name, and only runs of the same
+seed and dtype are paired). The report: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`,
+`loss_level.png`; with `--readme`, the tables also replace the block between the `compare:begin`/`compare:end`
 markers in that file.
 """
 
@@ -122,56 +126,105 @@ def results_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(curves: dict[str, dict[str, dict]], baseline: str = "entropy") -> dict[str, dict]:
+    """Each setting's final evaluation minus the baseline's on the same run key (seed and dtype: the same warm
+    start), for every key both finished: per metric, the mean and sample std of the differences, and how many
+    were above zero. `curves`: setting -> run key -> run_curve."""
+    out = {}
+    for name, runs in curves.items():
+        keys = sorted(set(runs) & set(curves.get(baseline, {})))
+        if name == baseline or not keys:
+            continue
+        out[name] = {"keys": keys}
+        for metric in ("eval/em", "eval/em/default-1hop", "eval/em/default-2hop", "eval/two_hop_second_search"):
+            diffs = [runs[k]["evals"][metric][-1] - curves[baseline][k]["evals"][metric][-1] for k in keys
+                     if metric in runs[k]["evals"] and metric in curves[baseline][k]["evals"]]
+            if diffs:
+                out[name][metric] = (*mean_std(diffs), sum(d > 0 for d in diffs))
+    return out
+
+
+def paired_table(differences: dict[str, dict], baseline: str = "entropy") -> str:
+    """The markdown table of `paired_differences`."""
+    lines = [f"| final evaluation minus {SETTINGS[baseline][0].split(':')[0]}'s, same seed | runs (seed_dtype) | EM | single-hop | "
+             "two-hop | 2nd search (two-hop) |", "|---|---|---|---|---|---|"]
+    for name, d in differences.items():
+        cells = []
+        for metric in ("eval/em", "eval/em/default-1hop", "eval/em/default-2hop", "eval/two_hop_second_search"):
+            mean, std, above = d.get(metric, (math.nan, math.nan, 0))
+            cells.append(f"{mean:+.3f} ± {std:.3f} ({above} of {len(d['keys'])} above 0)")
+        lines.append(f"| {SETTINGS[name][0]} | {', '.join(d['keys'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running
 
 
-def is_done(run_dir: Path, total_steps: int) -> bool:
-    """A run is finished once its final evaluation (logged at step `total_steps`) is in metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    return path.exists() and any(r["step"] == total_steps and "eval/em" in r for r in read_metrics(path))
+def is_done(metrics_path: Path, total_steps: int) -> bool:
+    """A run is finished once its final evaluation (logged at step `total_steps`) is in its metrics.jsonl."""
+    return metrics_path.exists() and any(r["step"] == total_steps and "eval/em" in r for r in read_metrics(metrics_path))
 
 
 def run_dir_of(args, name: str, seed: int) -> Path:
     return Path(args.out_dir) / name / f"seed{seed}"
 
 
-def train_command(args, warm_start: Path, name: str, seed: int) -> list[str]:
+def kept_path(args, name: str, seed: int, dtype: str) -> Path:
+    """Where a finished run's metrics are kept (and committed)."""
+    return Path(args.results_dir) / "compare" / name / f"seed{seed}_{dtype}.jsonl"
+
+
+def train_command(args, name: str, seed: int, threads: int) -> list[str]:
+    """The default run of `seed` plus the setting's flags (checkpoints and trees saved at every evaluation)."""
     run_dir = run_dir_of(args, name, seed)
-    command = [sys.executable, str(ROOT / "train.py"), "--model", str(warm_start), "--sft", "off", "--seed", str(seed),
-               "--output-dir", str(run_dir), "--total-steps", str(args.total_steps), "--eval-every", str(args.eval_every),
+    command = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--output-dir", str(run_dir),
+               "--total-steps", str(args.total_steps), "--eval-every", str(args.eval_every),
                "--eval-questions", str(args.eval_questions), "--save-every", str(args.eval_every),
-               "--save-trees-every", str(args.eval_every)] + SETTINGS[name][1]
+               "--save-trees-every", str(args.eval_every), "--update-threads", str(threads)] + SETTINGS[name][1]
     return command + (["--resume"] if (run_dir / "checkpoint" / "state.pt").exists() else [])
 
 
-def ensure_warm_start(args) -> Path:
-    """The default warm start of seed 1 (train.py caches it); made by warm_start.py when missing."""
+def machine_dtype() -> str:
+    """The dtype `--dtype auto` picks on this machine (part of a kept run's name)."""
     sys.path.insert(0, str(ROOT))
-    from train import Args, resolve_dtype
+    from train import resolve_dtype
+
+    return resolve_dtype("auto")
+
+
+def ensure_warm_start(args, seed: int, dtype: str) -> None:
+    """The default warm start of `seed` (train.py caches it), made by warm_start.py when missing, before the seed's
+    first run: the seed's runs, two at a time, must not both build it."""
+    from train import Args
     from warm_start import warm_start_dir
 
-    path = warm_start_dir(Args(seed=1, dtype=resolve_dtype("auto")))  # train.py resolves --dtype before the cache key
+    path = warm_start_dir(Args(seed=seed, dtype=dtype))  # train.py resolves --dtype before the cache key
     if not (path / "report.json").exists():
-        log = Path(args.out_dir) / "warm_start.log"
-        print(f"making the warm start ({path}), log in {log}")
+        log = Path(args.out_dir) / f"warm_start_seed{seed}.log"
+        print(f"making the warm start of seed {seed} ({path}), log in {log}", flush=True)
         with log.open("w") as f:
-            subprocess.run([sys.executable, str(ROOT / "warm_start.py"), "--seed", "1"], stdout=f, stderr=subprocess.STDOUT, check=True)
-    return path
+            subprocess.run([sys.executable, str(ROOT / "warm_start.py"), "--seed", str(seed)], stdout=f,
+                           stderr=subprocess.STDOUT, check=True)
 
 
 def run_all(args, names: list[str]) -> list[str]:
-    """Every (setting, seed) not finished yet, `--parallel` processes at a time, seeds interleaved; returns failures."""
-    warm_start = ensure_warm_start(args)
-    pending = [(n, s) for s in args.seeds for n in names if not is_done(run_dir_of(args, n, s), args.total_steps)]
+    """Every (setting, seed) not kept yet, `--parallel` processes at a time (the cores split between them), seed by
+    seed; a finished run's metrics are copied to its kept path. Returns the failures."""
+    import os
+
+    dtype = machine_dtype()
+    threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
+    pending = [(n, s) for s in args.seeds for n in names if not kept_path(args, n, s, dtype).exists()]
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     failed = []
     while pending or running:
         while pending and len(running) < args.parallel:
             name, seed = pending.pop(0)
+            ensure_warm_start(args, seed, dtype)
             run_dir = run_dir_of(args, name, seed)
             run_dir.mkdir(parents=True, exist_ok=True)
-            command = train_command(args, warm_start, name, seed)
+            command = train_command(args, name, seed, threads)
             print(f"start {name} seed {seed}{' (resume)' if '--resume' in command else ''}", flush=True)
             log = (run_dir / "train.log").open("a")
             running.append((name, seed, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time()))
@@ -182,8 +235,12 @@ def run_all(args, names: list[str]) -> list[str]:
                 continue
             running.remove(item)
             minutes = (time.time() - start) / 60
-            if process.returncode == 0:
-                print(f"done  {name} seed {seed} ({minutes:.1f} min)", flush=True)
+            metrics = run_dir_of(args, name, seed) / "metrics.jsonl"
+            if process.returncode == 0 and is_done(metrics, args.total_steps):
+                kept = kept_path(args, name, seed, dtype)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(metrics.read_text())
+                print(f"done  {name} seed {seed} ({minutes:.1f} min), kept in {kept}", flush=True)
             else:
                 failed.append(f"{name} seed {seed}: exit {process.returncode}, see {run_dir_of(args, name, seed) / 'train.log'}")
                 print(f"FAILED {failed[-1]}", flush=True)
@@ -224,32 +281,37 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
 
 
 def report(args, names: list[str]) -> str:
-    curves = {}  # finished runs only: a stopped run would cut its setting's curve short
+    """Reads every kept run of `names` (finished: a final evaluation at `--total-steps`), writes compare.md and the
+    plots, and the README block; returns the tables."""
+    curves: dict[str, dict[str, dict]] = {}  # setting -> "seed<N>_<dtype>" -> run_curve
     for name in names:
-        run_dirs = [run_dir_of(args, name, s) for s in args.seeds]
-        curves[name] = [run_curve(read_metrics(d / "metrics.jsonl")) for d in run_dirs if is_done(d, args.total_steps)]
-    summaries = {n: summarize(c) for n, c in curves.items() if c}
+        for path in sorted((Path(args.results_dir) / "compare" / name).glob("seed*.jsonl")):
+            if is_done(path, args.total_steps):
+                curves.setdefault(name, {})[path.stem] = run_curve(read_metrics(path))
+    summaries = {n: summarize(list(c.values())) for n, c in curves.items()}
     if not summaries:
-        raise SystemExit(f"no finished runs under {args.out_dir}")
+        raise SystemExit(f"no finished runs in {Path(args.results_dir) / 'compare'}")
     results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    budget = (f"{args.total_steps} RL steps, train.py's default settings, greedy EM on "
-              f"{args.eval_questions} held-out questions every {args.eval_every} steps; mean ± sample std over seeds")
+    budget = (f"{args.total_steps} RL steps, train.py's default recipe (each seed from its own warm start), greedy EM "
+              f"on {args.eval_questions} held-out questions every {args.eval_every} steps; mean ± sample std over runs")
     for group, file, title in [("sampling", "em_vs_step.png", "how the leaves are sampled"), ("sampling", "em_vs_tokens.png", "how the leaves are sampled"),
                                ("loss", "loss_level.png", "loss level (entropy trees, 2 updates per batch)")]:
         chosen = {n: summaries[n] for n in GROUPS[group] if n in summaries}
         if chosen:
-            plot(chosen, curves, "tokens" if "tokens" in file else "step", results / file, title)
-    table = results_table(summaries)
-    (results / "compare.md").write_text(f"{budget}.\n\n{table}\n")
+            plot(chosen, {n: list(c.values()) for n, c in curves.items()}, "tokens" if "tokens" in file else "step", results / file, title)
+    tables = results_table(summaries)
+    differences = paired_differences(curves)
+    if differences:
+        tables += "\n\n" + paired_table(differences)
+    (results / "compare.md").write_text(f"{budget}.\n\n{tables}\n")
     if args.readme:
         readme = Path(args.readme)
         text = readme.read_text()
         begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
         if begin in text and end in text:
             head, rest = text.split(begin, 1)
-            readme.write_text(f"{head}{begin}\n{budget}.\n\n{table}\n{end}{rest.split(end, 1)[1]}")
-    return table
+            readme.write_text(f"{head}{begin}\n{budget}.\n\n{tables}\n{end}{rest.split(end, 1)[1]}")
+    return tables
 
 
 def main() -> None:
@@ -257,12 +319,12 @@ def main() -> None:
     parser.add_argument("--out-dir", default="runs/compare")
     parser.add_argument("--results-dir", default="results")
     parser.add_argument("--readme", default="README.md", help="file whose compare:begin/end block gets the table ('' = none)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--total-steps", type=int, default=10)
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--eval-questions", type=int, default=60)
-    parser.add_argument("--parallel", type=int, default=2, help="runs at once (each uses one CPU thread)")
+    parser.add_argument("--settings", nargs="+", default=GROUPS["sampling"], choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[12, 13, 14, 15, 16])
+    parser.add_argument("--total-steps", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-questions", type=int, default=300)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (the CPU cores split between them)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)

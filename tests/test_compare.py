@@ -6,7 +6,8 @@ from argparse import Namespace
 
 import pytest
 
-from benchmarks.compare import is_done, read_metrics, report, results_table, run_curve, summarize
+from benchmarks.compare import (is_done, paired_differences, paired_table, read_metrics, report, results_table, run_curve,
+                                summarize, train_command)
 
 
 def step_row(step: int, tokens: int, reward: float, seconds: tuple[float, float]) -> dict:
@@ -86,25 +87,58 @@ def test_summarize_uses_only_steps_every_seed_reached():
 def test_is_done_needs_the_final_evaluation(tmp_path):
     rows = seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])
     write(tmp_path / "run" / "metrics.jsonl", rows[:-1])
-    assert not is_done(tmp_path / "run", 4)
+    assert not is_done(tmp_path / "run" / "metrics.jsonl", 4)
     write(tmp_path / "run" / "metrics.jsonl", rows)
-    assert is_done(tmp_path / "run", 4)
-    assert not is_done(tmp_path / "missing", 4)
+    assert is_done(tmp_path / "run" / "metrics.jsonl", 4)
+    assert not is_done(tmp_path / "missing.jsonl", 4)
 
 
-def test_report_writes_table_plots_and_the_readme_block(tmp_path):
+def test_paired_differences_by_hand():
+    # final EM (step 4): entropy 0.5 on seed 1, 0.7 on seed 2; chains 0.2 and 0.8; random only on seed 3 (no pair)
+    curves = {"entropy": {"seed1_x": run_curve(seed_rows([0.1, 0.3, 0.5], [100] * 4)),
+                          "seed2_x": run_curve(seed_rows([0.1, 0.3, 0.7], [100] * 4))},
+              "chains": {"seed1_x": run_curve(seed_rows([0.1, 0.3, 0.2], [100] * 4)),
+                         "seed2_x": run_curve(seed_rows([0.1, 0.3, 0.8], [100] * 4))},
+              "random": {"seed3_x": run_curve(seed_rows([0.1, 0.3, 0.9], [100] * 4))}}
+    d = paired_differences(curves)
+    assert set(d) == {"chains"} and d["chains"]["keys"] == ["seed1_x", "seed2_x"]
+    mean, std, above = d["chains"]["eval/em"]  # differences -0.3 and +0.1
+    assert mean == pytest.approx(-0.1) and std == pytest.approx(math.sqrt(0.08)) and above == 1
+    assert d["chains"]["eval/em/default-2hop"][:2] == pytest.approx((-0.1, math.sqrt(0.08)))  # seed_rows: em - 0.1
+    assert "eval/two_hop_second_search" not in d["chains"]  # not in these rows
+    table = paired_table(d)
+    assert "| GRPO: independent chains, turn loss | seed1_x, seed2_x | -0.100 ± 0.283 (1 of 2 above 0) |" in table
+
+
+def test_train_command_is_the_default_run_plus_the_setting(tmp_path):
+    args = Namespace(out_dir=str(tmp_path), total_steps=20, eval_every=10, eval_questions=300)
+    command = train_command(args, "chains", 7, threads=1)
+    flags = dict(zip(command[2::2], command[3::2]))
+    assert command[1].endswith("train.py") and "--model" not in command and "--sft" not in command  # own warm start
+    assert flags == {"--seed": "7", "--output-dir": str(tmp_path / "chains" / "seed7"), "--total-steps": "20",
+                     "--eval-every": "10", "--eval-questions": "300", "--save-every": "10", "--save-trees-every": "10",
+                     "--update-threads": "1", "--expansion": "chains"}
+    (tmp_path / "chains" / "seed7" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "chains" / "seed7" / "checkpoint" / "state.pt").write_bytes(b"")
+    assert train_command(args, "chains", 7, threads=1)[-1] == "--resume"
+
+
+def test_report_writes_tables_plots_and_the_readme_block(tmp_path):
+    kept = tmp_path / "results" / "compare"
     for name, ems in [("entropy", [0.1, 0.3, 0.5]), ("chains", [0.1, 0.2, 0.2]), ("loss-token", [0.1, 0.1, 0.3])]:
         for seed in (1, 2):
-            write(tmp_path / "runs" / name / f"seed{seed}" / "metrics.jsonl", seed_rows(ems, [100, 200, 300, 400]))
-    write(tmp_path / "runs" / "random" / "seed1" / "metrics.jsonl", seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])[:5])
+            write(kept / name / f"seed{seed}_float32.jsonl", seed_rows(ems, [100, 200, 300, 400]))
+    write(kept / "random" / "seed1_float32.jsonl", seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])[:5])  # unfinished
     (tmp_path / "README.md").write_text("intro\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\nrest\n")
-    args = Namespace(out_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md"),
-                     seeds=[1, 2], total_steps=4, eval_every=2, eval_questions=60)
-    table = report(args, ["entropy", "random", "chains", "loss-token"])  # "random" has no finished run: left out
-    assert table.count("\n") == 4 and "Tree-GRPO" not in table
-    assert (tmp_path / "results" / "compare.md").read_text().endswith(table + "\n")
+    args = Namespace(results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md"), total_steps=4,
+                     eval_every=2, eval_questions=60)
+    tables = report(args, ["entropy", "random", "chains", "loss-token"])  # "random" has no finished run: left out
+    summary, paired = tables.split("\n\n")
+    assert summary.count("\n") == 4 and "Tree-GRPO" not in tables
+    assert "| GRPO: independent chains, turn loss | seed1_float32, seed2_float32 | -0.300 ± 0.000 (0 of 2 above 0) |" in paired
+    assert (tmp_path / "results" / "compare.md").read_text().endswith(tables + "\n")
     for image in ("em_vs_step.png", "em_vs_tokens.png", "loss_level.png"):
         assert (tmp_path / "results" / image).read_bytes()[:4] == b"\x89PNG"
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n<!-- compare:begin -->\n") and readme.endswith("<!-- compare:end -->\nrest\n")
-    assert table in readme and "old table" not in readme
+    assert tables in readme and "old table" not in readme

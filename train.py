@@ -781,11 +781,14 @@ def draw_trees(queues: list[list[Task]], wanted: list[int], grow, rounds: int, d
 
 def rollout_stats(trees: list[Tree]) -> dict[str, float]:
     """What the policy did in one step's trees, per episode (leaf): reward, EM, answers, turns, and per data source
-    the reward and the share of episodes that searched at least twice; per tree: the share whose leaves all got
-    the same reward; per turn depth d: the mean entropy of the turns at depth d."""
+    the reward, the share of episodes that searched at least twice and the generated tokens per leaf (what a tree's
+    shared prefixes save); per tree: the share whose leaves all got the same reward; per turn depth d: the mean
+    entropy of the turns at depth d."""
     episodes: dict[str, list[dict]] = {}
     entropies: dict[int, list[float]] = {}
+    tokens: dict[str, int] = {}  # generated tokens per data source (a tree's shared prefixes counted once)
     for tree in trees:
+        tokens[tree.task.source] = tokens.get(tree.task.source, 0) + sum(len(n.token_ids) for n in tree.nodes)
         for leaf in tree.leaves():
             path = [tree.nodes[n] for n in tree.path(leaf)]
             episodes.setdefault(tree.task.source, []).append({
@@ -809,6 +812,7 @@ def rollout_stats(trees: list[Tree]) -> dict[str, float]:
         if source:
             stats[f"charts/reward/{source}"] = mean([e["reward"] for e in es])
             stats[f"charts/second_search/{source}"] = mean([e["second_search"] for e in es])
+            stats[f"charts/tokens_per_leaf/{source}"] = tokens[source] / len(es)
     stats.update({f"charts/entropy/turn{d}": mean(h) for d, h in sorted(entropies.items())})
     return stats
 

@@ -397,6 +397,16 @@ def test_rollout_stats_by_hand():
     # turn entropies: depth d has log-prob -0.1 d, so entropy 0.1 d at every depth
     assert stats["charts/entropy/turn1"] == pytest.approx(0.1) and stats["charts/entropy/turn3"] == pytest.approx(0.3)
     assert stats["charts/generated_tokens"] == 9
+    assert stats["charts/tokens_per_leaf/2hop"] == 2.5 and stats["charts/tokens_per_leaf/1hop"] == 2.0  # 5 and 4 turns
+    # a shared first turn is generated once: 3 turns of one token for 2 leaves
+    shared = Tree([1], Task("s", ["a"], "2hop"))
+    first = shared.add(0, [5], [-0.1])
+    for _ in range(2):
+        leaf = shared.add(first, [6], [-0.2])
+        shared.nodes[leaf].info = {"action": "answer", "em": 0.0, "end": "answer"}
+        shared.nodes[leaf].done, shared.nodes[leaf].reward = True, 0.0
+    shared.nodes[first].info = {"action": "search", "em": 0.0, "end": None}
+    assert train.rollout_stats([shared])["charts/tokens_per_leaf/2hop"] == 1.5
 
 
 def test_a_non_finite_gradient_takes_no_step():

@@ -60,7 +60,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run_curve(rows: list[dict]) -> dict:
-    """One run: evaluation steps, every evaluation metric there, generated tokens up to there; means over its steps."""
+    """One run: evaluation steps, every evaluation metric there, generated tokens up to there; means over its steps
+    (generated tokens per trained leaf: the cost, dropped trees included; tokens per leaf of each data source's
+    trees, where the run logged it: what shared prefixes save)."""
     evals = [r for r in rows if "eval/em" in r]
     steps = [r for r in rows if "losses/policy" in r]
     tokens = {0: 0}
@@ -72,6 +74,8 @@ def run_curve(rows: list[dict]) -> dict:
         "evals": {k: [r.get(k, math.nan) for r in evals] for k in sorted({k for r in evals for k in r} - {"step"})},
         "tokens": [tokens.get(r["step"], math.nan) for r in evals],  # generated tokens before that evaluation
         "tokens_per_leaf": sum(r["charts/generated_tokens"] for r in steps) / max(sum(r["charts/leaves"] for r in steps), 1),
+        "tokens_per_leaf_by_source": {k.removeprefix("charts/tokens_per_leaf/"): sum(r[k] for r in steps if k in r) / sum(k in r for r in steps)
+                                      for k in sorted({k for r in steps for k in r if k.startswith("charts/tokens_per_leaf/")})},
         "seconds_per_step": sum(seconds) / max(len(seconds), 1),
         "reward": sum(r["charts/reward"] for r in steps) / max(len(steps), 1),
     }
@@ -99,6 +103,9 @@ def summarize(curves: list[dict]) -> dict:
         "evals": {k: [mean_std([at(c, c["evals"][k], s) for c in curves]) for s in steps] for k in keys},  # (mean, std)
         "tokens": [mean_std([at(c, c["tokens"], s) for c in curves])[0] for s in steps],
         "tokens_per_leaf": mean_std([c["tokens_per_leaf"] for c in curves]),
+        "tokens_per_leaf_by_source": {  # source -> (mean, std, runs that logged it)
+            k: (*mean_std(v), len(v)) for k in sorted({k for c in curves for k in c["tokens_per_leaf_by_source"]})
+            for v in [[c["tokens_per_leaf_by_source"][k] for c in curves if k in c["tokens_per_leaf_by_source"]]]},
         "seconds_per_step": mean_std([c["seconds_per_step"] for c in curves]),
         "reward": mean_std([c["reward"] for c in curves]),
     }
@@ -107,21 +114,23 @@ def summarize(curves: list[dict]) -> dict:
 def results_table(summaries: dict[str, dict]) -> str:
     """The markdown table of the report, one row per setting."""
     lines = [
-        "| setting | seeds | EM at step 0 | final EM | single-hop | two-hop | 2nd search (two-hop) | train reward | "
-        "tokens / leaf | s / step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | runs | EM at step 0 | final EM | single-hop | two-hop | 2nd search (two-hop) | train reward | "
+        "tokens / leaf, single-hop | tokens / leaf, two-hop | generated tokens / trained leaf | s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def pm(pair: tuple[float, float], digits: int = 3) -> str:
+        return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
     for name, s in summaries.items():
         f = {k: v[-1] for k, v in s["evals"].items()}
-
-        def pm(pair: tuple[float, float], digits: int = 3) -> str:
-            return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-
+        by_source = [s["tokens_per_leaf_by_source"].get(k) for k in ("default-1hop", "default-2hop")]
+        tokens = [f"{pm(t[:2], 1)}" + (f" ({t[2]} runs)" if t[2] < s["seeds"] else "") if t else "not logged" for t in by_source]
         lines.append(
-            f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {s['evals']['eval/em'][0][0]:.3f} | "
+            f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {pm(s['evals']['eval/em'][0])} | "
             f"{pm(f['eval/em'])} (step {s['steps'][-1]}) | {pm(f.get('eval/em/default-1hop', (math.nan, 0)))} | "
             f"{pm(f.get('eval/em/default-2hop', (math.nan, 0)))} | {pm(f.get('eval/two_hop_second_search', (math.nan, 0)))} | "
-            f"{pm(s['reward'])} | {pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
+            f"{pm(s['reward'])} | {tokens[0]} | {tokens[1]} | {pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
         )
     return "\n".join(lines)
 

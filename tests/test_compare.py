@@ -64,7 +64,12 @@ def test_run_curve_by_hand():
 
 def test_summarize_two_seeds_by_hand():
     a = run_curve(seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400]))
-    b = run_curve(seed_rows([0.1, 0.5, 0.7], [200, 200, 200, 200]))
+    b_rows = seed_rows([0.1, 0.5, 0.7], [200, 200, 200, 200])
+    for row, tokens in zip([r for r in b_rows if "losses/policy" in r], [10.0, 20.0, 30.0, 60.0]):
+        row["charts/tokens_per_leaf/default-2hop"] = tokens  # logged by b only
+    b_rows[-2]["charts/tokens_per_leaf/default-1hop"] = 7.0  # on its last step only
+    b = run_curve(b_rows)
+    assert b["tokens_per_leaf_by_source"] == {"default-1hop": 7.0, "default-2hop": 30.0}
     s = summarize([a, b])
     assert s["seeds"] == 2 and s["steps"] == [0, 2, 4]
     assert s["evals"]["eval/em"][0] == pytest.approx((0.1, 0.0))
@@ -73,7 +78,9 @@ def test_summarize_two_seeds_by_hand():
     assert s["evals"]["eval/em/default-2hop"][-1] == pytest.approx((0.5, math.sqrt(0.02)))
     assert s["tokens_per_leaf"][0] == pytest.approx((1000 / 48 + 800 / 48) / 2)
     table = results_table({"entropy": s})
-    assert "| AT²PO: entropy-guided tree, turn loss | 2 | 0.100 | 0.600 ± 0.141 (step 4) | 0.700 ± 0.141 |" in table
+    assert s["tokens_per_leaf_by_source"]["default-2hop"] == pytest.approx((30.0, 0.0, 1))
+    assert "| AT²PO: entropy-guided tree, turn loss | 2 | 0.100 ± 0.000 | 0.600 ± 0.141 (step 4) | 0.700 ± 0.141 |" in table
+    assert "| 7.0 ± 0.0 (1 runs) | 30.0 ± 0.0 (1 runs) | 18.8 ± 2.9 | 61.0 ± 0.0 |" in table
 
 
 def test_summarize_uses_only_steps_every_seed_reached():

@@ -78,6 +78,8 @@ def run_curve(rows: list[dict]) -> dict:
                                       for k in sorted({k for r in steps for k in r if k.startswith("charts/tokens_per_leaf/")})},
         "seconds_per_step": sum(seconds) / max(len(seconds), 1),
         "reward": sum(r["charts/reward"] for r in steps) / max(len(steps), 1),
+        "uniform_trees": (sum(r["charts/uniform_trees"] for r in steps if "charts/uniform_trees" in r)
+                          / sum("charts/uniform_trees" in r for r in steps) if any("charts/uniform_trees" in r for r in steps) else math.nan),
     }
 
 
@@ -108,6 +110,7 @@ def summarize(curves: list[dict]) -> dict:
             for v in [[c["tokens_per_leaf_by_source"][k] for c in curves if k in c["tokens_per_leaf_by_source"]]]},
         "seconds_per_step": mean_std([c["seconds_per_step"] for c in curves]),
         "reward": mean_std([c["reward"] for c in curves]),
+        "uniform_trees": mean_std([c["uniform_trees"] for c in curves]),
     }
 
 
@@ -115,8 +118,8 @@ def results_table(summaries: dict[str, dict]) -> str:
     """The markdown table of the report, one row per setting."""
     lines = [
         "| setting | runs | EM at step 0 | final EM | single-hop | two-hop | 2nd search (two-hop) | train reward | "
-        "tokens / leaf, single-hop | tokens / leaf, two-hop | generated tokens / trained leaf | s / step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "uniform trees (dropped) | tokens / leaf, single-hop | tokens / leaf, two-hop | generated tokens / trained leaf | s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pm(pair: tuple[float, float], digits: int = 3) -> str:
@@ -130,7 +133,7 @@ def results_table(summaries: dict[str, dict]) -> str:
             f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {pm(s['evals']['eval/em'][0])} | "
             f"{pm(f['eval/em'])} (step {s['steps'][-1]}) | {pm(f.get('eval/em/default-1hop', (math.nan, 0)))} | "
             f"{pm(f.get('eval/em/default-2hop', (math.nan, 0)))} | {pm(f.get('eval/two_hop_second_search', (math.nan, 0)))} | "
-            f"{pm(s['reward'])} | {tokens[0]} | {tokens[1]} | {pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
+            f"{pm(s['reward'])} | {pm(s['uniform_trees'], 2)} | {tokens[0]} | {tokens[1]} | {pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
         )
     return "\n".join(lines)
 

@@ -59,6 +59,11 @@ def test_run_curve_by_hand():
     assert curve["tokens_per_leaf"] == pytest.approx(1000 / 48)
     assert curve["seconds_per_step"] == pytest.approx(61.0)  # the step's wall time: rollout (env inside) + train + sync
     assert curve["reward"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4) / 4)
+    assert math.isnan(curve["uniform_trees"])  # not logged by these rows
+    rows = seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])
+    for row, share in zip([r for r in rows if "losses/policy" in r], [0.5, 0.25, 0.0, 0.25]):
+        row["charts/uniform_trees"] = share
+    assert run_curve(rows)["uniform_trees"] == pytest.approx(0.25)
     assert curve["evals"]["eval/em/default-1hop"] == pytest.approx([0.1, 0.4, 0.6])
 
 
@@ -80,7 +85,7 @@ def test_summarize_two_seeds_by_hand():
     table = results_table({"entropy": s})
     assert s["tokens_per_leaf_by_source"]["default-2hop"] == pytest.approx((30.0, 0.0, 1))
     assert "| AT²PO: entropy-guided tree, turn loss | 2 | 0.100 ± 0.000 | 0.600 ± 0.141 (step 4) | 0.700 ± 0.141 |" in table
-    assert "| 7.0 ± 0.0 (1 runs) | 30.0 ± 0.0 (1 runs) | 18.8 ± 2.9 | 61.0 ± 0.0 |" in table
+    assert "| nan ± nan | 7.0 ± 0.0 (1 runs) | 30.0 ± 0.0 (1 runs) | 18.8 ± 2.9 | 61.0 ± 0.0 |" in table
 
 
 def test_summarize_uses_only_steps_every_seed_reached():

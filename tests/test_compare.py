@@ -56,7 +56,11 @@ def test_run_curve_by_hand():
     assert curve["eval_steps"] == [0, 2, 4]
     assert curve["evals"]["eval/em"] == [0.1, 0.3, 0.5]
     assert curve["tokens"] == [0, 300, 1000]  # generated before each evaluation
-    assert curve["tokens_per_leaf"] == pytest.approx(1000 / 48)
+    assert curve["tokens_per_leaf"] == pytest.approx(1000 / 48)  # no draws logged: the trained leaves
+    rows = seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])
+    for row, drawn in zip([r for r in rows if "losses/policy" in r], [2, 5, 3, 2]):  # 2 trees of 6 leaves trained
+        row.update({"charts/trees_drawn": drawn, "charts/trees_trained": 2})
+    assert run_curve(rows)["tokens_per_leaf"] == pytest.approx(1000 / (6 * 12))  # dropped trees' leaves too
     assert curve["seconds_per_step"] == pytest.approx(61.0)  # the step's wall time: rollout (env inside) + train + sync
     assert curve["reward"] == pytest.approx((0.1 + 0.2 + 0.3 + 0.4) / 4)
     assert math.isnan(curve["uniform_trees"])  # not logged by these rows

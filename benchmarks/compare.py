@@ -20,6 +20,7 @@ markers in that file.
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -135,7 +136,7 @@ def results_table(summaries: dict[str, dict]) -> str:
     for name, s in summaries.items():
         f = {k: v[-1] for k, v in s["evals"].items()}
         by_source = [s["tokens_per_leaf_by_source"].get(k) for k in ("default-1hop", "default-2hop")]
-        tokens = [f"{pm(t[:2], 1)}" + (f" ({t[2]} runs)" if t[2] < s["seeds"] else "") if t else "not logged" for t in by_source]
+        tokens = [f"{pm(t[:2], 1)}" + (f" ({t[2]} of {s['seeds']} runs)" if t[2] < s["seeds"] else "") if t else "not logged" for t in by_source]
         lines.append(
             f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {pm(s['evals']['eval/em'][0])} | "
             f"{pm(f['eval/em'])} (step {s['steps'][-1]}) | {pm(f.get('eval/em/default-1hop', (math.nan, 0)))} | "
@@ -230,8 +231,6 @@ def ensure_warm_start(args, seed: int, dtype: str) -> None:
 def run_all(args, names: list[str]) -> list[str]:
     """Every (setting, seed) not kept yet, `--parallel` processes at a time (the cores split between them), seed by
     seed; a finished run's metrics are copied to its kept path. Returns the failures."""
-    import os
-
     dtype = machine_dtype()
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
     pending = [(n, s) for s in args.seeds for n in names if not kept_path(args, n, s, dtype).exists()]

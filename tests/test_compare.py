@@ -89,7 +89,7 @@ def test_summarize_two_seeds_by_hand():
     table = results_table({"entropy": s})
     assert s["tokens_per_leaf_by_source"]["default-2hop"] == pytest.approx((30.0, 0.0, 1))
     assert "| AT²PO: entropy-guided tree, turn loss | 2 | 0.100 ± 0.000 | 0.600 ± 0.141 (step 4) | 0.700 ± 0.141 |" in table
-    assert "| nan ± nan | 7.0 ± 0.0 (1 runs) | 30.0 ± 0.0 (1 runs) | 18.8 ± 2.9 | 61.0 ± 0.0 |" in table
+    assert "| nan ± nan | 7.0 ± 0.0 (1 of 2 runs) | 30.0 ± 0.0 (1 of 2 runs) | 18.8 ± 2.9 | 61.0 ± 0.0 |" in table
 
 
 def test_summarize_uses_only_steps_every_seed_reached():

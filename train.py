@@ -806,7 +806,7 @@ def rollout_stats(trees: list[Tree]) -> dict[str, float]:
         "charts/trees_drawn": len(trees),
         "charts/uniform_trees": mean([is_uniform(t) for t in trees]),
         "charts/nodes_per_tree": mean([len(t.nodes) - 1 for t in trees]),
-        "charts/generated_tokens": sum(len(n.token_ids) for t in trees for n in t.nodes),
+        "charts/generated_tokens": sum(tokens.values()),
     }
     for source, es in sorted(episodes.items()):
         if source:

@@ -67,6 +67,12 @@ def leaves_grown(steps: list[dict]) -> float:
     return sum(r["charts/trees_drawn"] * per_tree if per_tree and "charts/trees_drawn" in r else r["charts/leaves"] for r in steps)
 
 
+def logged_mean(steps: list[dict], key: str) -> float:
+    """The mean of `key` over the steps that logged it (nan if none did: a metric newer than the run)."""
+    values = [r[key] for r in steps if key in r]
+    return sum(values) / len(values) if values else math.nan
+
+
 def run_curve(rows: list[dict]) -> dict:
     """One run: evaluation steps, every evaluation metric there, generated tokens up to there; means over its steps
     (generated tokens per leaf of every tree grown, dropped ones included, and of each data source's trees where
@@ -82,12 +88,11 @@ def run_curve(rows: list[dict]) -> dict:
         "evals": {k: [r.get(k, math.nan) for r in evals] for k in sorted({k for r in evals for k in r} - {"step"})},
         "tokens": [tokens.get(r["step"], math.nan) for r in evals],  # generated tokens before that evaluation
         "tokens_per_leaf": sum(r["charts/generated_tokens"] for r in steps) / max(leaves_grown(steps), 1),
-        "tokens_per_leaf_by_source": {k.removeprefix("charts/tokens_per_leaf/"): sum(r[k] for r in steps if k in r) / sum(k in r for r in steps)
+        "tokens_per_leaf_by_source": {k.removeprefix("charts/tokens_per_leaf/"): logged_mean(steps, k)
                                       for k in sorted({k for r in steps for k in r if k.startswith("charts/tokens_per_leaf/")})},
         "seconds_per_step": sum(seconds) / max(len(seconds), 1),
         "reward": sum(r["charts/reward"] for r in steps) / max(len(steps), 1),
-        "uniform_trees": (sum(r["charts/uniform_trees"] for r in steps if "charts/uniform_trees" in r)
-                          / sum("charts/uniform_trees" in r for r in steps) if any("charts/uniform_trees" in r for r in steps) else math.nan),
+        "uniform_trees": logged_mean(steps, "charts/uniform_trees"),
     }
 
 
@@ -107,15 +112,17 @@ def summarize(curves: list[dict]) -> dict:
         return values[c["eval_steps"].index(step)]
 
     keys = sorted(set.intersection(*(set(c["evals"]) for c in curves)))
+    by_source: dict[str, list[float]] = {}  # source -> tokens per leaf of the runs that logged it
+    for c in curves:
+        for source, tokens in c["tokens_per_leaf_by_source"].items():
+            by_source.setdefault(source, []).append(tokens)
     return {
         "seeds": len(curves),
         "steps": steps,
         "evals": {k: [mean_std([at(c, c["evals"][k], s) for c in curves]) for s in steps] for k in keys},  # (mean, std)
         "tokens": [mean_std([at(c, c["tokens"], s) for c in curves])[0] for s in steps],
         "tokens_per_leaf": mean_std([c["tokens_per_leaf"] for c in curves]),
-        "tokens_per_leaf_by_source": {  # source -> (mean, std, runs that logged it)
-            k: (*mean_std(v), len(v)) for k in sorted({k for c in curves for k in c["tokens_per_leaf_by_source"]})
-            for v in [[c["tokens_per_leaf_by_source"][k] for c in curves if k in c["tokens_per_leaf_by_source"]]]},
+        "tokens_per_leaf_by_source": {k: (*mean_std(v), len(v)) for k, v in sorted(by_source.items())},  # (mean, std, runs)
         "seconds_per_step": mean_std([c["seconds_per_step"] for c in curves]),
         "reward": mean_std([c["reward"] for c in curves]),
         "uniform_trees": mean_std([c["uniform_trees"] for c in curves]),

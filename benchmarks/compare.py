@@ -10,9 +10,9 @@ step, steps and evaluation for every setting. The settings of one seed start fro
 first by `warm_start.py --seed N`, cached), so the report also gives each setting's difference from AT²PO seed by
 seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
 time; each checkpoints at its evaluations, so a stopped comparison resumes where it stopped. A finished run's
-metrics are kept in `--results-dir/compare/<setting>/seed<N>_<dtype>.jsonl` (committed: the comparison grows over
-machines and sessions; the dtype, which `--dtype auto` picks by CPU, is in the name, and only runs of the same
-seed and dtype are paired). The report: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`,
+metrics are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows
+over machines and sessions; the numerics, the dtype `--dtype auto` picks and the CPU's kernels for it, such as
+`bfloat16-avx512` or `bfloat16-amx`, are in the name, and only runs of the same seed and numerics are paired). The report: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`,
 `loss_level.png`; with `--readme`, the tables also replace the block between the `compare:begin`/`compare:end`
 markers in that file.
 """
@@ -154,7 +154,7 @@ def results_table(summaries: dict[str, dict]) -> str:
 
 
 def paired_differences(curves: dict[str, dict[str, dict]], baseline: str = "entropy") -> dict[str, dict]:
-    """Each setting's final evaluation minus the baseline's on the same run key (seed and dtype: the same warm
+    """Each setting's final evaluation minus the baseline's on the same run key (seed and numerics: the same warm
     start), for every key both finished: per metric, the mean and sample std of the differences, and how many
     were above zero. `curves`: setting -> run key -> run_curve."""
     out = {}
@@ -173,7 +173,7 @@ def paired_differences(curves: dict[str, dict[str, dict]], baseline: str = "entr
 
 def paired_table(differences: dict[str, dict], baseline: str = "entropy") -> str:
     """The markdown table of `paired_differences`."""
-    lines = [f"| final evaluation minus {SETTINGS[baseline][0].split(':')[0]}'s, same seed | runs (seed_dtype) | EM | single-hop | "
+    lines = [f"| final evaluation minus {SETTINGS[baseline][0].split(':')[0]}'s, same seed | runs (seed_numerics) | EM | single-hop | "
              "two-hop | 2nd search (two-hop) |", "|---|---|---|---|---|---|"]
     for name, d in differences.items():
         cells = []
@@ -197,9 +197,9 @@ def run_dir_of(args, name: str, seed: int) -> Path:
     return Path(args.out_dir) / name / f"seed{seed}"
 
 
-def kept_path(args, name: str, seed: int, dtype: str) -> Path:
+def kept_path(args, name: str, seed: int, numerics: str) -> Path:
     """Where a finished run's metrics are kept (and committed)."""
-    return Path(args.results_dir) / "compare" / name / f"seed{seed}_{dtype}.jsonl"
+    return Path(args.results_dir) / "compare" / name / f"seed{seed}_{numerics}.jsonl"
 
 
 def train_command(args, name: str, seed: int, threads: int) -> list[str]:
@@ -212,12 +212,20 @@ def train_command(args, name: str, seed: int, threads: int) -> list[str]:
     return command + (["--resume"] if (run_dir / "checkpoint" / "state.pt").exists() else [])
 
 
-def machine_dtype() -> str:
-    """The dtype `--dtype auto` picks on this machine (part of a kept run's name)."""
+def machine_numerics() -> str:
+    """The dtype `--dtype auto` picks here and the kind of kernels that compute it, e.g. `bfloat16-amx` (part of a kept
+    run's name): a warm start made with other kernels differs in its last bits and so in its scores (seed 14's
+    step-0 EM: 0.517 with AVX512-BF16, 0.540 with AMX), so only runs of the same seed and numerics are paired."""
+    import torch
+
     sys.path.insert(0, str(ROOT))
     from train import resolve_dtype
 
-    return resolve_dtype("auto")
+    dtype = resolve_dtype("auto")
+    if torch.cuda.is_available():
+        return f"{dtype}-cuda"
+    amx = dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
+    return f"{dtype}-{'amx' if amx else torch.backends.cpu.get_cpu_capability().lower()}"
 
 
 def ensure_warm_start(args, seed: int, dtype: str) -> None:
@@ -238,9 +246,10 @@ def ensure_warm_start(args, seed: int, dtype: str) -> None:
 def run_all(args, names: list[str]) -> list[str]:
     """Every (setting, seed) not kept yet, `--parallel` processes at a time (the cores split between them), seed by
     seed; a finished run's metrics are copied to its kept path. Returns the failures."""
-    dtype = machine_dtype()
+    numerics = machine_numerics()
+    dtype = numerics.split("-")[0]
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
-    pending = [(n, s) for s in args.seeds for n in names if not kept_path(args, n, s, dtype).exists()]
+    pending = [(n, s) for s in args.seeds for n in names if not kept_path(args, n, s, numerics).exists()]
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     failed = []
     while pending or running:
@@ -262,7 +271,7 @@ def run_all(args, names: list[str]) -> list[str]:
             minutes = (time.time() - start) / 60
             metrics = run_dir_of(args, name, seed) / "metrics.jsonl"
             if process.returncode == 0 and is_done(metrics, args.total_steps):
-                kept = kept_path(args, name, seed, dtype)
+                kept = kept_path(args, name, seed, numerics)
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 kept.write_text(metrics.read_text())
                 print(f"done  {name} seed {seed} ({minutes:.1f} min), kept in {kept}", flush=True)
@@ -308,7 +317,7 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
 def report(args, names: list[str]) -> str:
     """Reads every kept run of `names` (finished: a final evaluation at `--total-steps`), writes compare.md and the
     plots, and the README block; returns the tables."""
-    curves: dict[str, dict[str, dict]] = {}  # setting -> "seed<N>_<dtype>" -> run_curve
+    curves: dict[str, dict[str, dict]] = {}  # setting -> "seed<N>_<numerics>" -> run_curve
     for name in names:
         for path in sorted((Path(args.results_dir) / "compare" / name).glob("seed*.jsonl")):
             if is_done(path, args.total_steps):

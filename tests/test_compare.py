@@ -6,8 +6,9 @@ from argparse import Namespace
 
 import pytest
 
-from benchmarks.compare import (is_done, paired_differences, paired_table, read_metrics, report, results_table, run_curve,
-                                summarize, train_command)
+from benchmarks.compare import (is_done, machine_numerics, paired_differences, paired_table, read_metrics, report,
+                                results_table, run_curve, summarize, train_command)
+from train import resolve_dtype
 
 
 def step_row(step: int, tokens: int, reward: float, seconds: tuple[float, float]) -> dict:
@@ -124,6 +125,18 @@ def test_paired_differences_by_hand():
     assert "eval/two_hop_second_search" not in d["chains"]  # not in these rows
     table = paired_table(d)
     assert "| GRPO: independent chains, turn loss | seed1_x, seed2_x | -0.100 ± 0.283 (1 of 2 above 0) |" in table
+
+
+def test_runs_of_one_seed_on_other_numerics_are_not_paired():
+    curves = {"entropy": {"seed1_bfloat16-avx512": run_curve(seed_rows([0.1, 0.3, 0.5], [100] * 4))},
+              "chains": {"seed1_bfloat16-amx": run_curve(seed_rows([0.1, 0.3, 0.2], [100] * 4))}}
+    assert paired_differences(curves) == {}
+
+
+def test_machine_numerics_names_the_dtype_and_the_kernels():
+    dtype, kind = machine_numerics().split("-", 1)
+    assert dtype == resolve_dtype("auto")
+    assert kind and kind == kind.lower() and (kind != "amx" or dtype == "bfloat16")  # AMX computes bf16 only
 
 
 def test_train_command_is_the_default_run_plus_the_setting(tmp_path):

@@ -7,7 +7,7 @@ loss level (turn = ATPO, sequence = GSPO, token = PPO), several seeds each.
 Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out
 questions) plus the setting's own flags and `--eval-every`: the same leaves per question (M + L*K), questions per
 step, steps and evaluation for every setting. The settings of one seed start from the same warm start (built
-first by `warm_start.py --seed N`, cached), so the report also gives each setting's difference from AT²PO seed by
+first, alone, by `warm_start.py --seed N`, cached), so the report also gives each setting's difference from AT²PO seed by
 seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
 time; each checkpoints at its evaluations, so a stopped comparison resumes where it stopped. A finished run's
 metrics are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows
@@ -229,8 +229,8 @@ def machine_numerics() -> str:
 
 
 def ensure_warm_start(args, seed: int, dtype: str) -> None:
-    """The default warm start of `seed` (train.py caches it), made by warm_start.py when missing, before the seed's
-    first run: the seed's runs, two at a time, must not both build it."""
+    """The default warm start of `seed` (train.py caches it), made by warm_start.py when missing, before any run:
+    the seed's runs, two at a time, must not both build it."""
     from train import Args
     from warm_start import warm_start_dir
 
@@ -250,12 +250,13 @@ def run_all(args, names: list[str]) -> list[str]:
     dtype = numerics.split("-")[0]
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
     pending = [(n, s) for s in args.seeds for n in names if not kept_path(args, n, s, numerics).exists()]
+    for seed in dict.fromkeys(s for _, s in pending):  # alone first: beside a run, one took 18 min instead of 3
+        ensure_warm_start(args, seed, dtype)
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     failed = []
     while pending or running:
         while pending and len(running) < args.parallel:
             name, seed = pending.pop(0)
-            ensure_warm_start(args, seed, dtype)
             run_dir = run_dir_of(args, name, seed)
             run_dir.mkdir(parents=True, exist_ok=True)
             command = train_command(args, name, seed, threads)

@@ -19,6 +19,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives
 os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL's matmuls the same run to run (else they vary with memory alignment)
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -314,6 +315,7 @@ def main() -> None:
         t0 = time.time()
         if trees:
             push_weights(llm, model, dtype)
+        release_freed_memory()
         t_sync = time.time() - t0
 
         # ---- 5. log and checkpoint
@@ -325,7 +327,7 @@ def main() -> None:
             "charts/trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
             **losses,
             "time/rollout": t_rollout, "time/env": env_seconds[0], "time/credit": t_credit, "time/train": t_train,
-            "time/sync": t_sync, "time/step": time.time() - step_start,
+            "time/sync": t_sync, "time/step": time.time() - step_start, "memory/resident_gib": resident_gib(),
         }
         record["charts/tokens_per_s"] = record["charts/generated_tokens"] / record["time/step"]  # throughput
         log(record)
@@ -674,6 +676,25 @@ def cpu_settings(args: Args) -> dict:
     tree branches to share their prefixes; a chunked prefill of a request with its own seed crashes there
     ("CPU Generator does not use offset"), so prefill whole prompts."""
     return {"block_size": 32, "enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, args.max_length)}
+
+
+def release_freed_memory() -> None:
+    """Hands back to the OS what glibc's allocator keeps of the step's freed tensors (malloc_trim). Without it a
+    default run's resident memory grew from 7.1 to 9.8 GiB in 15 steps on a 2-core CPU, 3.8 GiB of it freed memory
+    (one malloc_trim handed that back), and two runs side by side ran out of 24 GiB; it changes no number. A no-op
+    off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def resident_gib() -> float:
+    """This process's resident memory now, in GiB (Linux; 0.0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return 0.0
 
 
 def push_weights(llm, model: torch.nn.Module, dtype: torch.dtype) -> None:

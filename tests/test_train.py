@@ -501,3 +501,23 @@ def test_console_line_uses_the_metric_names_grouped_by_namespace():
     assert train.console_line(record) == ("charts: reward 0.250 trees_trained 2 tokens_per_s 11.3 | "
                                           "losses: policy -0.0010 kl_to_start 0.0123 | time: step 12.3")
     assert train.console_line({"step": 0, "eval/em": 0.48, "eval/em/default-1hop": 0.4}) == "eval: em 0.480 em/default-1hop 0.400"
+
+
+def test_release_freed_memory_hands_back_freed_heap_pages():
+    # 300 blocks of 100 KiB (under glibc's mmap threshold: heap memory), all freed but the last, which keeps the
+    # heap's top in use so that free() alone cannot shrink it: ~29 MiB stay resident until malloc_trim.
+    code = """
+import ctypes, train
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+blocks = [libc.malloc(100 * 1024) for _ in range(300)]
+for b in blocks:
+    ctypes.memset(b, 1, 100 * 1024)
+for b in blocks[:-1]:
+    libc.free(ctypes.c_void_p(b))
+before = train.resident_gib()
+train.release_freed_memory()
+print(before - train.resident_gib())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert float(out.stdout.split()[-1]) * 1024 > 25  # MiB handed back

@@ -303,7 +303,7 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
             mean, std = [m for m, _ in s["evals"][key]], [d for _, d in s["evals"][key]]
             for c in curves[name]:
                 ax.plot(c["eval_steps"] if x == "step" else c["tokens"], c["evals"][key], color=color, alpha=0.3, linewidth=0.8)
-            ax.plot(xs, mean, color=color, linewidth=2, marker="o", label=f"{SETTINGS[name][0]} ({s['seeds']} seeds)")
+            ax.plot(xs, mean, color=color, linewidth=2, marker="o", label=f"{SETTINGS[name][0]} ({s['seeds']} runs)")
             ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color, alpha=0.12)
         ax.set_title(("all questions" if key == "eval/em" else key.removeprefix("eval/em/")) + f" — {title}", fontsize=9)
         ax.set_xlabel("RL step" if x == "step" else "generated tokens (all trees, cumulative)")

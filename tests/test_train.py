@@ -166,9 +166,10 @@ def tiny_run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def run_values(out: Path) -> list[dict]:
-    """What a run measured: every row of metrics.jsonl, wall-clock times left out."""
+    """What a run measured: every row of metrics.jsonl, wall-clock times and resident memory left out."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "charts/tokens_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/")) and k != "charts/tokens_per_s"}
+            for r in rows]
 
 
 THREE_STEPS = ["--total-steps", "3", "--eval-every", "2"]  # evaluations at steps 0, 2 and 3

@@ -6,15 +6,15 @@ loss level (turn = ATPO, sequence = GSPO, token = PPO), several seeds each.
 
 Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out
 questions) plus the setting's own flags and `--eval-every`: the same leaves per question (M + L*K), questions per
-step, steps and evaluation for every setting. The settings of one seed start from the same warm start (built
-first, alone, by `warm_start.py --seed N`, cached), so the report also gives each setting's difference from AT²PO seed by
+step, steps and evaluation for every setting. The settings of one seed start from the same warm start (built first,
+alone, by `warm_start.py --seed N`, cached), so the report also gives each setting's difference from AT²PO seed by
 seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
 time; each checkpoints at its evaluations, so a stopped comparison resumes where it stopped. A finished run's
-metrics are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows
-over machines and sessions; the numerics, the dtype `--dtype auto` picks and the CPU's kernels for it, such as
-`bfloat16-avx512` or `bfloat16-amx`, are in the name, and only runs of the same seed and numerics are paired). The report: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`,
-`loss_level.png`; with `--readme`, the tables also replace the block between the `compare:begin`/`compare:end`
-markers in that file.
+metrics are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows over
+machines and sessions; the numerics, the dtype `--dtype auto` picks and the CPU's kernels for it, such as
+`bfloat16-avx512` or `bfloat16-amx`, are in the name, and only runs of the same seed and numerics are paired). The
+report: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`, `loss_level.png`; with `--readme`, the
+tables also replace the block between the `compare:begin`/`compare:end` markers in that file.
 """
 
 import argparse

@@ -311,12 +311,12 @@ def main() -> None:
             losses = update(model, reference, optimizer, rows, trees, demo_pools, tokenizer, pad_id, step_rng, args)
         t_train = time.time() - t0 - losses["time/old_log_prob"]  # the update alone
 
-        # ---- 4. weight sync into the running engine
+        # ---- 4. weight sync into the running engine, then the step's freed memory back to the OS
         t0 = time.time()
         if trees:
             push_weights(llm, model, dtype)
-        release_freed_memory()
         t_sync = time.time() - t0
+        release_freed_memory()
 
         # ---- 5. log and checkpoint
         record = {
@@ -681,8 +681,8 @@ def cpu_settings(args: Args) -> dict:
 def release_freed_memory() -> None:
     """Hands back to the OS what glibc's allocator keeps of the step's freed tensors (malloc_trim). Without it a
     default run's resident memory grew from 7.1 to 9.8 GiB in 15 steps on a 2-core CPU, 3.8 GiB of it freed memory
-    (one malloc_trim handed that back), and two runs side by side ran out of 24 GiB; it changes no number. A no-op
-    off glibc."""
+    (one malloc_trim handed that back), and two such runs beside a warm start ran out of 24 GiB; it changes no
+    number. A no-op off glibc."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -1,20 +1,23 @@
-"""Budget-matched comparison on the embedded default task: AT²PO vs Tree-GRPO-style trees vs GRPO chains, and the
-loss level (turn = ATPO, sequence = GSPO, token = PPO), several seeds each.
+"""Budget-matched comparison on the embedded default task: AT²PO vs Tree-GRPO-style trees vs GRPO chains (with and
+without the gold transcripts' term), and the loss level (turn = ATPO, sequence = GSPO, token = PPO), several seeds
+each.
 
     .venv/bin/python -m benchmarks.compare                  # runs what is missing (resumes stopped runs), then reports
-    .venv/bin/python -m benchmarks.compare --report-only    # re-reads the kept results and rewrites the report
+    .venv/bin/python -m benchmarks.compare --settings entropy-no-demo chains-no-demo --seeds 14 15
+    .venv/bin/python -m benchmarks.compare --report-only    # re-reads every kept result and rewrites the report
 
-Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out
-questions) plus the setting's own flags and `--eval-every`: the same leaves per question (M + L*K), questions per
-step, steps and evaluation for every setting. The settings of one seed start from the same warm start (built first,
-alone, by `warm_start.py --seed N`, cached), so the report also gives each setting's difference from AT²PO seed by
-seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
-time; each checkpoints at its evaluations, so a stopped comparison resumes where it stopped. A finished run's
-metrics are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows over
-machines and sessions; the numerics, the dtype `--dtype auto` picks and the CPU's kernels for it, such as
-`bfloat16-avx512` or `bfloat16-amx`, are in the name, and only runs of the same seed and numerics are paired). The
-report: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`, `loss_level.png`; with `--readme`, the
-tables also replace the block between the `compare:begin`/`compare:end` markers in that file.
+Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out questions)
+plus the setting's own flags and `--eval-every`: the same leaves per question (M + L*K), questions per step, steps
+and evaluation for every setting. The settings of one seed start from the same warm start (built first, alone, by
+`warm_start.py --seed N`, cached), so the report also gives each setting's difference from its group's AT²PO run seed
+by seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
+time; each checkpoints at its evaluations, so a stopped comparison resumes where it stopped. A finished run's metrics
+are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows over machines
+and sessions; the numerics, the dtype `--dtype auto` picks and the CPU's kernels for it, such as `bfloat16-avx512` or
+`bfloat16-amx`, are in the name, and only runs of the same seed and numerics are paired). The report, always from
+every kept run of every setting: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`,
+`em_vs_step_no_demo.png`, `loss_level.png`; with `--readme`, the tables also replace the block between the
+`compare:begin`/`compare:end` markers in that file.
 """
 
 import argparse
@@ -28,18 +31,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (label, train.py flags); "sampling" compares how the 6 leaves are drawn, "loss" the loss level. The loss
-# levels differ only where the ratio leaves 1, i.e. off-policy: with one optimizer step per batch (train.py's
-# default) all three give the same gradient, so the loss runs take two (--num-minibatches 2, one tree each).
+# name -> (label, train.py flags); "sampling" compares how the 6 leaves are drawn, "no-demo" the same without the
+# gold transcripts' cross-entropy (--demo-coef 0: the default recipe's one term outside the paper's method), "loss"
+# the loss level. The loss levels differ only where the ratio leaves 1, i.e. off-policy: with one optimizer step per
+# batch (train.py's default) all three give the same gradient, so the loss runs take two (--num-minibatches 2).
 SETTINGS = {
     "entropy": ("AT²PO: entropy-guided tree, turn loss", ["--expansion", "entropy"]),
     "random": ("Tree-GRPO-style: random tree, turn loss", ["--expansion", "random"]),
     "chains": ("GRPO: independent chains, turn loss", ["--expansion", "chains"]),
+    "entropy-no-demo": ("AT²PO, no transcripts' term", ["--expansion", "entropy", "--demo-coef", "0"]),
+    "random-no-demo": ("Tree-GRPO-style, no transcripts' term", ["--expansion", "random", "--demo-coef", "0"]),
+    "chains-no-demo": ("GRPO chains, no transcripts' term", ["--expansion", "chains", "--demo-coef", "0"]),
     "loss-turn": ("2 updates/batch, turn loss (ATPO)", ["--expansion", "entropy", "--loss-level", "turn", "--num-minibatches", "2"]),
     "loss-sequence": ("2 updates/batch, sequence loss (GSPO)", ["--expansion", "entropy", "--loss-level", "sequence", "--num-minibatches", "2"]),
     "loss-token": ("2 updates/batch, token loss (PPO)", ["--expansion", "entropy", "--loss-level", "token", "--num-minibatches", "2"]),
 }
-GROUPS = {"sampling": ["entropy", "random", "chains"], "loss": ["loss-turn", "loss-sequence", "loss-token"]}
+GROUPS = {"sampling": ["entropy", "random", "chains"], "no-demo": ["entropy-no-demo", "random-no-demo", "chains-no-demo"],
+          "loss": ["loss-turn", "loss-sequence", "loss-token"]}  # the first of a group is its baseline in the pairing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +181,7 @@ def paired_differences(curves: dict[str, dict[str, dict]], baseline: str = "entr
 
 def paired_table(differences: dict[str, dict], baseline: str = "entropy") -> str:
     """The markdown table of `paired_differences`."""
-    lines = [f"| final evaluation minus {SETTINGS[baseline][0].split(':')[0]}'s, same seed | runs (seed_numerics) | EM | single-hop | "
+    lines = [f"| final evaluation minus {SETTINGS[baseline][0]}, same seed | runs (seed_numerics) | EM | single-hop | "
              "two-hop | 2nd search (two-hop) |", "|---|---|---|---|---|---|"]
     for name, d in differences.items():
         cells = []
@@ -315,11 +323,11 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
     plt.close(fig)
 
 
-def report(args, names: list[str]) -> str:
-    """Reads every kept run of `names` (finished: a final evaluation at `--total-steps`), writes compare.md and the
-    plots, and the README block; returns the tables."""
+def report(args) -> str:
+    """Reads every kept run (finished: a final evaluation at `--total-steps`) of every setting, writes compare.md, the
+    plots and the README block; returns the tables (all settings, then each group's pairing with its first setting)."""
     curves: dict[str, dict[str, dict]] = {}  # setting -> "seed<N>_<numerics>" -> run_curve
-    for name in names:
+    for name in SETTINGS:
         for path in sorted((Path(args.results_dir) / "compare" / name).glob("seed*.jsonl")):
             if is_done(path, args.total_steps):
                 curves.setdefault(name, {})[path.stem] = run_curve(read_metrics(path))
@@ -330,14 +338,16 @@ def report(args, names: list[str]) -> str:
     budget = (f"{args.total_steps} RL steps, train.py's default recipe (each seed from its own warm start), greedy EM "
               f"on {args.eval_questions} held-out questions every {args.eval_every} steps; mean ± sample std over runs")
     for group, file, title in [("sampling", "em_vs_step.png", "how the leaves are sampled"), ("sampling", "em_vs_tokens.png", "how the leaves are sampled"),
+                               ("no-demo", "em_vs_step_no_demo.png", "without the transcripts' term"),
                                ("loss", "loss_level.png", "loss level (entropy trees, 2 updates per batch)")]:
         chosen = {n: summaries[n] for n in GROUPS[group] if n in summaries}
         if chosen:
             plot(chosen, {n: list(c.values()) for n, c in curves.items()}, "tokens" if "tokens" in file else "step", results / file, title)
     tables = results_table(summaries)
-    differences = paired_differences(curves)
-    if differences:
-        tables += "\n\n" + paired_table(differences)
+    for group in GROUPS.values():
+        differences = paired_differences({n: curves[n] for n in group if n in curves}, baseline=group[0])
+        if differences:
+            tables += "\n\n" + paired_table(differences, baseline=group[0])
     (results / "compare.md").write_text(f"{budget}.\n\n{tables}\n")
     if args.readme:
         readme = Path(args.readme)
@@ -365,7 +375,7 @@ def main() -> None:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     started = time.time()
     failed = [] if args.report_only else run_all(args, args.settings)
-    print(report(args, args.settings))
+    print(report(args))
     if not args.report_only:
         print(f"wall time {(time.time() - started) / 60:.1f} min")
     if failed:

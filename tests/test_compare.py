@@ -147,6 +147,7 @@ def test_train_command_is_the_default_run_plus_the_setting(tmp_path):
     assert flags == {"--seed": "7", "--output-dir": str(tmp_path / "chains" / "seed7"), "--total-steps": "20",
                      "--eval-every": "10", "--eval-questions": "300", "--save-every": "10", "--save-trees-every": "10",
                      "--update-threads": "1", "--expansion": "chains"}
+    assert train_command(args, "chains-no-demo", 7, threads=1)[-4:] == ["--expansion", "chains", "--demo-coef", "0"]
     (tmp_path / "chains" / "seed7" / "checkpoint").mkdir(parents=True)
     (tmp_path / "chains" / "seed7" / "checkpoint" / "state.pt").write_bytes(b"")
     assert train_command(args, "chains", 7, threads=1)[-1] == "--resume"
@@ -154,19 +155,23 @@ def test_train_command_is_the_default_run_plus_the_setting(tmp_path):
 
 def test_report_writes_tables_plots_and_the_readme_block(tmp_path):
     kept = tmp_path / "results" / "compare"
-    for name, ems in [("entropy", [0.1, 0.3, 0.5]), ("chains", [0.1, 0.2, 0.2]), ("loss-token", [0.1, 0.1, 0.3])]:
+    for name, ems in [("entropy", [0.1, 0.3, 0.5]), ("chains", [0.1, 0.2, 0.2]), ("loss-token", [0.1, 0.1, 0.3]),
+                      ("entropy-no-demo", [0.1, 0.2, 0.4]), ("chains-no-demo", [0.1, 0.2, 0.6])]:
         for seed in (1, 2):
             write(kept / name / f"seed{seed}_float32.jsonl", seed_rows(ems, [100, 200, 300, 400]))
     write(kept / "random" / "seed1_float32.jsonl", seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])[:5])  # unfinished
     (tmp_path / "README.md").write_text("intro\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\nrest\n")
     args = Namespace(results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md"), total_steps=4,
                      eval_every=2, eval_questions=60)
-    tables = report(args, ["entropy", "random", "chains", "loss-token"])  # "random" has no finished run: left out
-    summary, paired = tables.split("\n\n")
-    assert summary.count("\n") == 4 and "Tree-GRPO" not in tables
+    tables = report(args)  # every kept run; "random" has no finished run: left out
+    summary, paired, paired_no_demo = tables.split("\n\n")  # loss-token alone: no pair in its group
+    assert summary.count("\n") == 6 and "Tree-GRPO" not in tables
     assert "| GRPO: independent chains, turn loss | seed1_float32, seed2_float32 | -0.300 ± 0.000 (0 of 2 above 0) |" in paired
+    assert "no transcripts" not in paired  # each group pairs with its own AT²PO run
+    assert "minus AT²PO, no transcripts' term, same seed" in paired_no_demo
+    assert "| GRPO chains, no transcripts' term | seed1_float32, seed2_float32 | +0.200 ± 0.000 (2 of 2 above 0) |" in paired_no_demo
     assert (tmp_path / "results" / "compare.md").read_text().endswith(tables + "\n")
-    for image in ("em_vs_step.png", "em_vs_tokens.png", "loss_level.png"):
+    for image in ("em_vs_step.png", "em_vs_tokens.png", "em_vs_step_no_demo.png", "loss_level.png"):
         assert (tmp_path / "results" / image).read_bytes()[:4] == b"\x89PNG"
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("intro\n<!-- compare:begin -->\n") and readme.endswith("<!-- compare:end -->\nrest\n")

@@ -192,6 +192,21 @@ def paired_table(differences: dict[str, dict], baseline: str = "entropy") -> str
     return "\n".join(lines)
 
 
+def per_run_table(curves: dict[str, dict[str, dict]], group: list[str]) -> str:
+    """Every run's final evaluation, EM / single-hop / two-hop: a row per run key (seed and numerics, with the EM of
+    its warm start at step 0), a column per setting of `group` that has runs."""
+    names = [n for n in group if n in curves]
+    keys = sorted(set().union(*(curves[n] for n in names)), key=lambda k: (int(k.split("_")[0].removeprefix("seed")), k))
+    lines = ["| run (EM at step 0): final EM / single-hop / two-hop | " + " | ".join(SETTINGS[n][0] for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for key in keys:
+        step0 = next(curves[n][key]["evals"]["eval/em"][0] for n in names if key in curves[n])
+        cells = ["{:.3f} / {:.3f} / {:.3f}".format(*(curves[n][key]["evals"][m][-1] for m in (
+            "eval/em", "eval/em/default-1hop", "eval/em/default-2hop"))) if key in curves[n] else "—" for n in names]
+        lines.append(f"| {key} ({step0:.3f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running
 
@@ -325,7 +340,8 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
 
 def report(args) -> str:
     """Reads every kept run (finished: a final evaluation at `--total-steps`) of every setting, writes compare.md, the
-    plots and the README block; returns the tables (all settings, then each group's pairing with its first setting)."""
+    plots and the README block; returns the tables (all settings; then, for each group with a pair, every run's final scores and the differences
+    from the group's first setting)."""
     curves: dict[str, dict[str, dict]] = {}  # setting -> "seed<N>_<numerics>" -> run_curve
     for name in SETTINGS:
         for path in sorted((Path(args.results_dir) / "compare" / name).glob("seed*.jsonl")):
@@ -347,7 +363,7 @@ def report(args) -> str:
     for group in GROUPS.values():
         differences = paired_differences({n: curves[n] for n in group if n in curves}, baseline=group[0])
         if differences:
-            tables += "\n\n" + paired_table(differences, baseline=group[0])
+            tables += "\n\n" + per_run_table(curves, group) + "\n\n" + paired_table(differences, baseline=group[0])
     (results / "compare.md").write_text(f"{budget}.\n\n{tables}\n")
     if args.readme:
         readme = Path(args.readme)

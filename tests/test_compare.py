@@ -6,8 +6,8 @@ from argparse import Namespace
 
 import pytest
 
-from benchmarks.compare import (is_done, machine_numerics, paired_differences, paired_table, read_metrics, report,
-                                results_table, run_curve, summarize, train_command)
+from benchmarks.compare import (is_done, machine_numerics, paired_differences, paired_table, per_run_table, read_metrics,
+                                report, results_table, run_curve, summarize, train_command)
 from train import resolve_dtype
 
 
@@ -127,6 +127,20 @@ def test_paired_differences_by_hand():
     assert "| GRPO: independent chains, turn loss | seed1_x, seed2_x | -0.100 ± 0.283 (1 of 2 above 0) |" in table
 
 
+def test_per_run_table_by_hand():
+    # seed_rows: final EM e, single-hop e + 0.1, two-hop e - 0.1; seed 10 sorts after seed 9 (by number, not text)
+    curves = {"entropy": {"seed9_x": run_curve(seed_rows([0.25, 0.3, 0.5], [100] * 4)),
+                          "seed10_x": run_curve(seed_rows([0.125, 0.3, 0.7], [100] * 4))},
+              "chains": {"seed10_x": run_curve(seed_rows([0.125, 0.3, 0.2], [100] * 4))},
+              "entropy-no-demo": {"seed1_x": run_curve(seed_rows([0.1, 0.3, 0.2], [100] * 4))}}
+    assert per_run_table(curves, ["entropy", "random", "chains"]).split("\n") == [
+        "| run (EM at step 0): final EM / single-hop / two-hop | AT²PO: entropy-guided tree, turn loss | "
+        "GRPO: independent chains, turn loss |",
+        "|---|---|---|",
+        "| seed9_x (0.250) | 0.500 / 0.600 / 0.400 | — |",
+        "| seed10_x (0.125) | 0.700 / 0.800 / 0.600 | 0.200 / 0.300 / 0.100 |"]
+
+
 def test_runs_of_one_seed_on_other_numerics_are_not_paired():
     curves = {"entropy": {"seed1_bfloat16-avx512": run_curve(seed_rows([0.1, 0.3, 0.5], [100] * 4))},
               "chains": {"seed1_bfloat16-amx": run_curve(seed_rows([0.1, 0.3, 0.2], [100] * 4))}}
@@ -164,7 +178,8 @@ def test_report_writes_tables_plots_and_the_readme_block(tmp_path):
     args = Namespace(results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md"), total_steps=4,
                      eval_every=2, eval_questions=60)
     tables = report(args)  # every kept run; "random" has no finished run: left out
-    summary, paired, paired_no_demo = tables.split("\n\n")  # loss-token alone: no pair in its group
+    summary, runs, paired, runs_no_demo, paired_no_demo = tables.split("\n\n")  # loss-token alone: no pair in its group
+    assert runs.count("\n") == 3 and "| seed1_float32 (0.100) | 0.500 / 0.600 / 0.400 | 0.200 / 0.300 / 0.100 |" in runs
     assert summary.count("\n") == 6 and "Tree-GRPO" not in tables
     assert "| GRPO: independent chains, turn loss | seed1_float32, seed2_float32 | -0.300 ± 0.000 (0 of 2 above 0) |" in paired
     assert "no transcripts" not in paired  # each group pairs with its own AT²PO run

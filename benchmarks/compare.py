@@ -340,8 +340,8 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
 
 def report(args) -> str:
     """Reads every kept run (finished: a final evaluation at `--total-steps`) of every setting, writes compare.md, the
-    plots and the README block; returns the tables (all settings; then, for each group with a pair, every run's final scores and the differences
-    from the group's first setting)."""
+    plots and the README block; returns the tables (all settings; then, for each group with a pair, every run's
+    final scores and the differences from the group's first setting)."""
     curves: dict[str, dict[str, dict]] = {}  # setting -> "seed<N>_<numerics>" -> run_curve
     for name in SETTINGS:
         for path in sorted((Path(args.results_dir) / "compare" / name).glob("seed*.jsonl")):

@@ -3,8 +3,9 @@ turn-level tree saves over independent chains.
 
     python -m benchmarks.bench_step            (from the repository root; builds the warm start of --seed if not cached)
 
-1. Step time, side by side: `train.py` step 1 (same seed: the same questions, trees and losses) with the current
-   defaults and with the previous ones (the update on 1 thread, gradient checkpointing on), interleaved over
+1. Step time, side by side: `train.py` step 1 (same seed: the same questions) with the current defaults
+   and with the previous ones (the update on 1 thread, gradient checkpointing on, vLLM's eager engine; the
+   compiled one samples with other kernels, so its trees may differ), interleaved over
    repeats; the time split train.py records and the peak resident memory of each process (the warm start is built
    or read first, in a process of its own, so that no step's peak is the warm start's).
 2. Rollout speed: the trees of train.py's defaults for some training questions, each vLLM call recorded; then
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ["time/rollout", "time/env", "time/credit", "time/old_log_prob", "time/train", "time/sync"]
-PREVIOUS = ["--update-threads", "1", "--gradient-checkpointing", "on"]
+PREVIOUS = ["--update-threads", "1", "--gradient-checkpointing", "on", "--enforce-eager"]
 
 
 def run(script: str, out: str, flags: list[str]) -> tuple[float, str]:
@@ -90,7 +91,7 @@ def main() -> None:
             label = k.split("/")[1] + (" (inside rollout)" if k == "time/env" else "")
             print(f"  {label:24s} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
     losses = {name: [r["losses/policy"] for r, _ in results] for name, results in runs.items()}
-    print(f"  same trees, same loss: defaults {losses['defaults']}, previous {losses['previous']}")
+    print(f"  loss (the same where both engines sampled the same trees): defaults {losses['defaults']}, previous {losses['previous']}")
     step_ratio = (sum(step_seconds(r) for r, _ in runs["defaults"]) / sum(step_seconds(r) for r, _ in runs["previous"]))
 
     # ---- 2. the rollout of train.py's defaults, then the same contexts in one plain vLLM call

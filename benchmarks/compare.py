@@ -7,7 +7,7 @@ each.
     .venv/bin/python -m benchmarks.compare --report-only    # re-reads every kept result and rewrites the report
 
 Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out questions)
-plus the setting's own flags and `--eval-every`: the same leaves per question (M + L*K), questions per step, steps
+plus the setting's own flags, `--eval-every` and `--enforce-eager` (the engine of every kept run): the same leaves per question (M + L*K), questions per step, steps
 and evaluation for every setting. The settings of one seed start from the same warm start (built first, alone, by
 `warm_start.py --seed N`, cached), so the report also gives each setting's difference from its group's AT²PO run seed
 by seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
@@ -225,13 +225,21 @@ def kept_path(args, name: str, seed: int, numerics: str) -> Path:
     return Path(args.results_dir) / "compare" / name / f"seed{seed}_{numerics}.jsonl"
 
 
+# The engine every kept run was made with: vLLM eager. The compiled engine (train.py's default since) computes with
+# other kernels, so its step-0 evaluation of a seed's warm start would not be the kept runs' one (the pairs would
+# no longer start from the same scores).
+KEPT_SPEED_SETTINGS = ["--enforce-eager"]
+
+
 def train_command(args, name: str, seed: int, threads: int) -> list[str]:
-    """The default run of `seed` plus the setting's flags (checkpoints and trees saved at every evaluation)."""
+    """The default run of `seed` plus the setting's flags (checkpoints and trees saved at every evaluation), with the
+    speed settings every kept run was made with (KEPT_SPEED_SETTINGS)."""
     run_dir = run_dir_of(args, name, seed)
     command = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--output-dir", str(run_dir),
                "--total-steps", str(args.total_steps), "--eval-every", str(args.eval_every),
                "--eval-questions", str(args.eval_questions), "--save-every", str(args.eval_every),
-               "--save-trees-every", str(args.eval_every), "--update-threads", str(threads)] + SETTINGS[name][1]
+               "--save-trees-every", str(args.eval_every), "--update-threads", str(threads),
+               *KEPT_SPEED_SETTINGS] + SETTINGS[name][1]
     return command + (["--resume"] if (run_dir / "checkpoint" / "state.pt").exists() else [])
 
 

@@ -40,7 +40,7 @@ def run_child(code: str, timeout: int = 900) -> str:
 # Weight sync
 
 
-def sync_check() -> None:
+def sync_check(enforce_eager: bool) -> None:
     """In a child process: vLLM's log-probs of a fixed text follow the trainer's weights only after a sync."""
     import train  # sets the thread and in-process environment before torch loads
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,7 +53,7 @@ def sync_check() -> None:
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    args = train.Args(dtype="float32", max_length=256)
+    args = train.Args(dtype="float32", max_length=256, enforce_eager=enforce_eager)
     llm = train.start_engine(path, args)
     ids = tokenizer.encode("<think> I need to look up Mobin Pigubor. </think>\n<search> Mobin Pigubor </search>")
 
@@ -77,8 +77,14 @@ def sync_check() -> None:
     print(json.dumps({"start": start, "stale": stale, "synced": synced}))
 
 
-def test_weight_sync_makes_vllm_match_the_trainer():
-    result = json.loads(run_child("from tests.test_train import sync_check; sync_check()").strip().splitlines()[-1])
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_weight_sync_makes_vllm_match_the_trainer(enforce_eager):
+    """Also for the compiled engine (the default): its graph must read the reloaded weights, not a copy."""
+    from train import Args, runs_eager
+
+    if not enforce_eager and runs_eager(Args()):
+        pytest.skip("no C++ compiler here: vLLM cannot compile on this CPU")
+    result = json.loads(run_child(f"from tests.test_train import sync_check; sync_check({enforce_eager})").strip().splitlines()[-1])
     assert result["start"] < 1e-3  # same float32 weights: the same log-probs
     assert result["stale"] > 0.05  # the trainer moved, the engine did not
     assert result["synced"] < 1e-3  # after the sync they agree again
@@ -141,6 +147,20 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     check_args(Args())  # the defaults are valid
 
 
+def test_the_engine_runs_eager_on_request_or_without_a_cpu_compiler(monkeypatch, capsys):
+    from train import Args, runs_eager
+
+    monkeypatch.delenv("CXX", raising=False)
+    assert runs_eager(Args(enforce_eager=True))
+    assert runs_eager(Args()) is (not torch.cuda.is_available() and shutil.which("g++") is None and shutil.which("clang++") is None)
+    capsys.readouterr()
+    monkeypatch.setenv("PATH", "")  # no compiler to be found
+    assert runs_eager(Args()) is not torch.cuda.is_available()
+    assert "no C++ compiler" in capsys.readouterr().out or torch.cuda.is_available()
+    monkeypatch.setenv("CXX", sys.executable)  # any executable named by $CXX counts
+    assert not runs_eager(Args())
+
+
 def test_cli_error_is_one_line_and_fast():
     proc = subprocess.run([sys.executable, "train.py", "--m", "0", "--output-dir", "/nonexistent/x"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -156,7 +176,7 @@ def test_cli_error_is_one_line_and_fast():
 TINY = ["--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3", "--max-turn-tokens", "48",
         "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2", "--save-every", "1",
         "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
-        "--demo-coef", "0.1", "--seed", "3"]
+        "--demo-coef", "0.1", "--seed", "3", "--enforce-eager"]  # each restart would compile the engine again
 TINY_ENV = {**CHILD_ENV, "ATPO_CACHE": os.environ.get("ATPO_CACHE", str(Path.home() / ".cache" / "atpo"))}
 
 

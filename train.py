@@ -879,13 +879,20 @@ def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, p
 # Evaluation and the console
 
 
-# The parts of a default run timed alone on two 2-core reference CPUs (README), one for each dtype --dtype auto picks
-# on a CPU (float32 on an AVX2 CPU, bfloat16 on one with AVX512-BF16), with that CPU's single-thread matmul speed in
-# that dtype: `estimated_minutes` scales them by this machine's.
+# The parts of a default run timed alone on three 2-core reference CPUs (README), one for each kind --dtype auto picks
+# on a CPU (float32 on an AVX2 CPU, bfloat16 on one with AVX512-BF16, bfloat16 on one with AMX: its matmuls are
+# several times faster, the rest of a step is not, so it needs its own), with that CPU's single-thread matmul speed
+# in that dtype: `estimated_minutes` scales them by this machine's.
 REFERENCE = {
     "float32": {"gflops": 90.0, "warm_start_step": 25.0, "sampled_question": 1.5, "greedy_question": 2.0, "rl_step": 75.0},
     "bfloat16": {"gflops": 370.0, "warm_start_step": 14.0, "sampled_question": 0.4, "greedy_question": 0.38, "rl_step": 35.0},
+    "bfloat16-amx": {"gflops": 936.0, "warm_start_step": 9.6, "sampled_question": 0.4, "greedy_question": 0.21, "rl_step": 26.3},
 }
+
+
+def has_amx() -> bool:
+    """An x86 CPU with AMX tiles (Intel Sapphire Rapids and later)."""
+    return torch.cpu._is_amx_tile_supported()
 
 
 def matmul_gflops(dtype: torch.dtype, seconds: float = 0.3) -> float:
@@ -902,7 +909,7 @@ def estimated_minutes(args: Args, warm_start_questions: int, eval_questions: int
     """About how long a run of the default model takes on this CPU: the reference timings of its dtype times this
     run's work (warm start if not cached, evaluations, RL steps scaled by questions x leaves), scaled by the matmul
     speed."""
-    ref = REFERENCE[args.dtype]
+    ref = REFERENCE["bfloat16-amx" if args.dtype == "bfloat16" and has_amx() else args.dtype]
     seconds = 0.0
     if not warm_start_cached:
         seconds += args.sft_steps * ref["warm_start_step"] + 2 * warm_start_questions * ref["sampled_question"]

@@ -250,12 +250,12 @@ def machine_numerics() -> str:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from train import resolve_dtype
+    from train import has_amx, resolve_dtype
 
     dtype = resolve_dtype("auto")
     if torch.cuda.is_available():
         return f"{dtype}-cuda"
-    amx = dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
+    amx = dtype == "bfloat16" and has_amx()
     return f"{dtype}-{'amx' if amx else torch.backends.cpu.get_cpu_capability().lower()}"
 
 

@@ -503,6 +503,7 @@ def test_estimated_minutes_by_hand(monkeypatch):
 
     speeds = {torch.float32: 90.0, torch.bfloat16: 370.0}  # the reference CPUs' own matmul speeds
     monkeypatch.setattr(train, "matmul_gflops", lambda dtype: speeds[dtype])
+    monkeypatch.setattr(train, "has_amx", lambda: False)
     args = train.Args(dtype="float32")
     assert train.estimated_minutes(args, 80, 300, False) == pytest.approx((400 + 240 + 1200 + 3000) / 60)
     assert train.estimated_minutes(args, 80, 300, True) == pytest.approx((1200 + 3000) / 60)
@@ -511,6 +512,14 @@ def test_estimated_minutes_by_hand(monkeypatch):
     speeds = {torch.float32: 45.0, torch.bfloat16: 185.0}  # a machine half as fast
     args = train.Args(dtype="float32", total_steps=10, eval_every=4)  # evaluations before steps 1, 5, 9 and at the end
     assert train.estimated_minutes(args, 80, 300, True) == pytest.approx(2 * (4 * 600 + 10 * 75 * 2) / 60)
+    # a CPU with AMX: its own reference, at its own matmul speed (16 x 9.6 + 2 x 80 x 0.4 + 2 x 300 x 0.21 + 20 x 2 x 26.3)
+    monkeypatch.setattr(train, "has_amx", lambda: True)
+    speeds = {torch.bfloat16: 936.0}
+    args = train.Args(dtype="bfloat16")
+    assert train.estimated_minutes(args, 80, 300, False) == pytest.approx((153.6 + 64 + 126 + 1052) / 60)
+    args = train.Args(dtype="float32")  # float32 on the same CPU: the AVX2 reference
+    speeds = {torch.float32: 90.0}
+    assert train.estimated_minutes(args, 80, 300, True) == pytest.approx((1200 + 3000) / 60)
 
 
 def test_console_line_uses_the_metric_names_grouped_by_namespace():

@@ -881,8 +881,8 @@ def response_log_probs(model, unit: list[dict], trees: list[Tree], args: Args, p
 
 # The parts of a default run timed alone on three 2-core reference CPUs (README), one for each kind --dtype auto picks
 # on a CPU (float32 on an AVX2 CPU, bfloat16 on one with AVX512-BF16, bfloat16 on one with AMX: its matmuls are
-# several times faster, the rest of a step is not, so it needs its own), with that CPU's single-thread matmul speed
-# in that dtype: `estimated_minutes` scales them by this machine's.
+# several times faster, the rest of a step is not, so it needs its own; timed with vLLM compiled, the other two
+# eager), with that CPU's single-thread matmul speed in that dtype: `estimated_minutes` scales them by this machine's.
 REFERENCE = {
     "float32": {"gflops": 90.0, "warm_start_step": 25.0, "sampled_question": 1.5, "greedy_question": 2.0, "rl_step": 75.0},
     "bfloat16": {"gflops": 370.0, "warm_start_step": 14.0, "sampled_question": 0.4, "greedy_question": 0.38, "rl_step": 35.0},

@@ -7,11 +7,12 @@ each.
     .venv/bin/python -m benchmarks.compare --report-only    # re-reads every kept result and rewrites the report
 
 Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out questions)
-plus the setting's own flags, `--eval-every` and `--enforce-eager` (the engine of every kept run): the same leaves per question (M + L*K), questions per step, steps
-and evaluation for every setting. The settings of one seed start from the same warm start (built first, alone, by
-`warm_start.py --seed N`, cached), so the report also gives each setting's difference from its group's AT²PO run seed
-by seed, where the warm start's luck cancels. Runs go to `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a
-time; each checkpoints at its evaluations, so a stopped comparison resumes where it stopped. A finished run's metrics
+plus the setting's own flags, `--eval-every` and `--enforce-eager` (the engine of every kept run): the same leaves
+per question (M + L*K), questions per step, steps and evaluation for every setting. The settings of one seed start
+from the same warm start (built first, alone, by `warm_start.py --seed N`, cached), so the report also gives each
+setting's difference from its group's AT²PO run seed by seed, where the warm start's luck cancels. Runs go to
+`--out-dir/<setting>/seed<N>/`, `--parallel` processes at a time; each checkpoints at its evaluations, so a stopped
+comparison resumes where it stopped (a finished run's checkpoints are deleted, ~3 GiB each). A finished run's metrics
 are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows over machines
 and sessions; the numerics, the dtype `--dtype auto` picks and the CPU's kernels for it, such as `bfloat16-avx512` or
 `bfloat16-amx`, are in the name, and only runs of the same seed and numerics are paired). The report, always from
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -274,6 +276,15 @@ def ensure_warm_start(args, seed: int, dtype: str) -> None:
                            stderr=subprocess.STDOUT, check=True)
 
 
+def keep_finished_run(run_dir: Path, kept: Path) -> None:
+    """A finished run's metrics copied to its kept path, then its checkpoints deleted (its last two, about 3 GiB
+    for the default model with AdamW's moments: 15 runs filled 45 GB); its log and saved trees stay."""
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text((run_dir / "metrics.jsonl").read_text())
+    for checkpoint in run_dir.glob("checkpoint*"):
+        shutil.rmtree(checkpoint)
+
+
 def run_all(args, names: list[str]) -> list[str]:
     """Every (setting, seed) not kept yet, `--parallel` processes at a time (the cores split between them), seed by
     seed; a finished run's metrics are copied to its kept path. Returns the failures."""
@@ -304,8 +315,7 @@ def run_all(args, names: list[str]) -> list[str]:
             metrics = run_dir_of(args, name, seed) / "metrics.jsonl"
             if process.returncode == 0 and is_done(metrics, args.total_steps):
                 kept = kept_path(args, name, seed, numerics)
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                kept.write_text(metrics.read_text())
+                keep_finished_run(run_dir_of(args, name, seed), kept)
                 print(f"done  {name} seed {seed} ({minutes:.1f} min), kept in {kept}", flush=True)
             else:
                 failed.append(f"{name} seed {seed}: exit {process.returncode}, see {run_dir_of(args, name, seed) / 'train.log'}")

@@ -6,7 +6,7 @@ from argparse import Namespace
 
 import pytest
 
-from benchmarks.compare import (is_done, machine_numerics, paired_differences, paired_table, per_run_table, read_metrics,
+from benchmarks.compare import (is_done, keep_finished_run, machine_numerics, paired_differences, paired_table, per_run_table, read_metrics,
                                 report, results_table, run_curve, summarize, train_command)
 from train import resolve_dtype
 
@@ -99,6 +99,20 @@ def test_summarize_uses_only_steps_every_seed_reached():
     s = summarize([done, stopped])
     assert s["steps"] == [0, 2]
     assert s["evals"]["eval/em"][-1] == pytest.approx((0.4, math.sqrt(0.02)))
+
+
+def test_a_finished_run_is_kept_and_its_checkpoints_deleted(tmp_path):
+    run = tmp_path / "entropy" / "seed3"
+    for checkpoint in ("checkpoint", "checkpoint.step_000010"):
+        (run / checkpoint).mkdir(parents=True)
+        (run / checkpoint / "state.pt").write_bytes(b"x")
+    (run / "trees").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "train.log").write_text("log")
+    kept = tmp_path / "results" / "compare" / "entropy" / "seed3_bfloat16-amx.jsonl"
+    keep_finished_run(run, kept)
+    assert kept.read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "train.log", "trees"]
 
 
 def test_is_done_needs_the_final_evaluation(tmp_path):

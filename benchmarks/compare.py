@@ -287,7 +287,7 @@ def keep_finished_run(run_dir: Path, kept: Path) -> None:
 
 def run_all(args, names: list[str]) -> list[str]:
     """Every (setting, seed) not kept yet, `--parallel` processes at a time (the cores split between them), seed by
-    seed; a finished run's metrics are copied to its kept path. Returns the failures."""
+    seed; a finished run's metrics are copied to its kept path and its checkpoints deleted. Returns the failures."""
     numerics = machine_numerics()
     dtype = numerics.split("-")[0]
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
@@ -312,13 +312,13 @@ def run_all(args, names: list[str]) -> list[str]:
                 continue
             running.remove(item)
             minutes = (time.time() - start) / 60
-            metrics = run_dir_of(args, name, seed) / "metrics.jsonl"
-            if process.returncode == 0 and is_done(metrics, args.total_steps):
+            run_dir = run_dir_of(args, name, seed)
+            if process.returncode == 0 and is_done(run_dir / "metrics.jsonl", args.total_steps):
                 kept = kept_path(args, name, seed, numerics)
-                keep_finished_run(run_dir_of(args, name, seed), kept)
+                keep_finished_run(run_dir, kept)
                 print(f"done  {name} seed {seed} ({minutes:.1f} min), kept in {kept}", flush=True)
             else:
-                failed.append(f"{name} seed {seed}: exit {process.returncode}, see {run_dir_of(args, name, seed) / 'train.log'}")
+                failed.append(f"{name} seed {seed}: exit {process.returncode}, see {run_dir / 'train.log'}")
                 print(f"FAILED {failed[-1]}", flush=True)
     return failed
 

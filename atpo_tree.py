@@ -9,16 +9,20 @@ root -> leaf path is one trajectory.
        take the top K, and give each a new sibling re-sampled from its parent's state, run to the end;
     3. each tree ends with M + L*K leaves.
 
-The procedure talks to the world through two callables, so it does not depend on an inference engine:
-    generate(contexts: list[list[int]]) -> list[(token_ids, logprobs)]   one sampled turn per context
-    step(requests: list[StepRequest]) -> list[StepResult]                 the environment's answer to each turn
-All live branches of all trees advance together: one `generate` call per turn depth.
+The procedure talks to the world through a sampler and a callable, so it does not depend on an inference engine:
+    sampler.submit(context: list[int]) -> key           start sampling one turn after `context`
+    sampler.wait() -> list[(key, token_ids, logprobs)]  block until one or more submitted turns are done
+    step(requests: list[StepRequest]) -> list[StepResult]  the environment's answer to each turn
+Nothing waits for a whole turn depth: a branch's next turn is submitted as soon as its observation is back, and a
+tree's expansion round starts as soon as that tree's previous round has ended, and a tree can be added while others
+grow (`TreeGrower`; dynamic sampling replaces a dropped tree at once). `BatchSampler` turns a batch
+`generate(contexts) -> [(token_ids, logprobs)]` (HF generate, a test's script) into a sampler.
 """
 
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 MODES = ("entropy", "random", "chains")
 
@@ -179,75 +183,127 @@ def select_expansion(
     return (ranked * math.ceil(k / len(ranked)))[:k]
 
 
-def run_branches(
-    trees: list[Tree],
-    starts: list[tuple[int, int]],
-    generate: Callable[[list[list[int]]], list[tuple[list[int], list[float]]]],
-    step: Callable[[list[StepRequest]], list[StepResult]],
-) -> None:
-    """Grow one new branch under each (tree index, node) in `starts`, each until its episode ends.
+class BatchSampler:
+    """A sampler from a batch `generate(contexts) -> [(token_ids, logprobs)]`: each `wait` samples, in one call,
+    every context submitted since the last one."""
 
-    Every live branch of every tree advances one turn per `generate` call (one batch per turn depth).
-    """
-    live = list(starts)
-    while live:
-        contexts = [trees[t].context(n) for t, n in live]
-        samples = generate(contexts)
-        if len(samples) != len(contexts):
-            raise ValueError(f"generate returned {len(samples)} turns for {len(contexts)} contexts")
-        grown = [(t, trees[t].add(n, ids, lps)) for (t, n), (ids, lps) in zip(live, samples)]
-        requests = [
-            StepRequest(trees[t].task, ctx, trees[t].nodes[c].token_ids, len(trees[t].path(c)))
-            for (t, c), ctx in zip(grown, contexts)
-        ]
-        results = step(requests)
-        if len(results) != len(requests):
-            raise ValueError(f"step returned {len(results)} results for {len(requests)} turns")
-        for (t, c), result in zip(grown, results):
-            if result.done and result.reward is None:
-                raise ValueError(f"tree {t} node {c}: the environment ended the episode without a reward")
-            node = trees[t].nodes[c]
-            node.obs_ids = [] if result.done else list(result.obs_ids)
-            node.done, node.reward, node.info = result.done, result.reward, result.info
-        live = [(t, c) for t, c in grown if not trees[t].nodes[c].done]
+    def __init__(self, generate: Callable[[list[list[int]]], list[tuple[list[int], list[float]]]]):
+        self.generate = generate
+        self.queued: list[tuple[int, list[int]]] = []  # (key, context)
+        self.submitted = 0
+
+    def submit(self, context: list[int]) -> int:
+        self.queued.append((self.submitted, context))
+        self.submitted += 1
+        return self.submitted - 1
+
+    def wait(self) -> list[tuple[int, list[int], list[float]]]:
+        queued, self.queued = self.queued, []
+        samples = self.generate([context for _, context in queued])
+        if len(samples) != len(queued):
+            raise ValueError(f"generate returned {len(samples)} turns for {len(queued)} contexts")
+        return [(key, ids, logprobs) for (key, _), (ids, logprobs) in zip(queued, samples)]
 
 
-def grow_trees(
-    prompts: list[list[int]],
-    tasks: list[Any],
-    generate: Callable[[list[list[int]]], list[tuple[list[int], list[float]]]],
-    step: Callable[[list[StepRequest]], list[StepResult]],
-    *,
-    m: int = 10,
-    l: int = 2,  # noqa: E741 (the paper's name)
-    k: int = 6,
-    alpha: float = 0.05,
-    mode: str = "entropy",
-    rng: random.Random | None = None,
-) -> list[Tree]:
-    """Entropy-guided tree expansion (spec §1): M chains, then L rounds of K branches; M + L*K leaves per tree.
+class TreeGrower:
+    """Grows turn-level trees (spec §1) on one sampler: M chains, then L rounds of K branches; M + L*K leaves per tree.
 
     mode: "entropy" (AT²PO), "random" (Tree-GRPO-style uniform picks, needs `rng`), or "chains"
-    (M + L*K independent chains, i.e. GRPO sampling on the same budget).
+    (M + L*K independent chains, i.e. GRPO sampling on the same budget). `sampler` and `step`: see the module
+    docstring. `add` starts a tree, also while others grow; `grown` runs until every tree added is complete.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def __init__(
+        self,
+        sampler,
+        step: Callable[[list[StepRequest]], list[StepResult]],
+        *,
+        m: int = 10,
+        l: int = 2,  # noqa: E741 (the paper's name)
+        k: int = 6,
+        alpha: float = 0.05,
+        mode: str = "entropy",
+        rng: random.Random | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if m < 1 or l < 0 or (l > 0 and k < 1):
+            raise ValueError(f"need m >= 1, l >= 0 and k >= 1, got m={m}, l={l}, k={k}")
+        if mode == "chains":
+            m, l = m + l * k, 0  # noqa: E741
+        self.sampler, self.step, self.m, self.l, self.k, self.alpha, self.mode, self.rng = sampler, step, m, l, k, alpha, mode, rng
+        self.trees: list[Tree] = []
+        self.running: dict[Any, tuple[int, int, list[int]]] = {}  # sampler key -> (tree, node the turn follows, its context)
+        self.branches: list[int] = []  # branches of each tree's current round still running
+        self.rounds_left: list[int] = []
+
+    def add(self, prompt_ids: list[int], task: Any = None) -> Tree:
+        """A new tree for this prompt; its M chains are submitted at once."""
+        self.trees.append(Tree(list(prompt_ids), task))
+        self.branches.append(self.m)
+        self.rounds_left.append(self.l)
+        for _ in range(self.m):
+            self._start(len(self.trees) - 1, 0)
+        return self.trees[-1]
+
+    def grown(self) -> Iterator[Tree]:
+        """Samples until every tree added is complete (also those added meanwhile); yields each tree the moment its
+        last leaf is done."""
+        while self.running:
+            finished = self.sampler.wait()
+            if not finished:
+                raise ValueError("the sampler's wait returned no turn while turns were running")
+            grown, requests = [], []
+            for key, ids, logprobs in finished:
+                if key not in self.running:
+                    raise ValueError(f"the sampler returned a turn it was not given or gave twice (key {key!r})")
+                t, parent, context = self.running.pop(key)
+                tree = self.trees[t]
+                c = tree.add(parent, ids, logprobs)
+                grown.append((t, c))
+                requests.append(StepRequest(tree.task, context, tree.nodes[c].token_ids, len(tree.path(c))))
+            results = self.step(requests)
+            if len(results) != len(requests):
+                raise ValueError(f"step returned {len(results)} results for {len(requests)} turns")
+            for (t, c), result in zip(grown, results):
+                if result.done and result.reward is None:
+                    raise ValueError(f"tree {t} node {c}: the environment ended the episode without a reward")
+                node = self.trees[t].nodes[c]
+                node.obs_ids = [] if result.done else list(result.obs_ids)
+                node.done, node.reward, node.info = result.done, result.reward, result.info
+            for t, c in grown:
+                if not self.trees[t].nodes[c].done:
+                    self._start(t, c)  # the branch goes on
+                    continue
+                self.branches[t] -= 1
+                if self.branches[t] == 0 and self.rounds_left[t] > 0:
+                    self._expand(t)
+                elif self.branches[t] == 0:
+                    yield self.trees[t]
+
+    def _start(self, t: int, node: int) -> None:
+        """Submit the next turn after `node` of tree t."""
+        context = self.trees[t].context(node)
+        self.running[self.sampler.submit(context)] = (t, node, context)
+
+    def _expand(self, t: int) -> None:
+        """One expansion round of tree t (spec §1.3): K picks from the tree as its previous round left it; a picked
+        node gets a new sibling, i.e. a branch from its parent (a picked root starts a fresh chain from the prompt)."""
+        tree = self.trees[t]
+        picks = select_expansion(tree.parents, tree.entropies, tree.is_leaf, self.k, alpha=self.alpha, mode=self.mode, rng=self.rng)
+        for n in picks:
+            tree.nodes[n].picked += 1
+            self._start(t, max(tree.nodes[n].parent, 0))
+        self.branches[t], self.rounds_left[t] = self.k, self.rounds_left[t] - 1
+
+
+def grow_trees(prompts: list[list[int]], tasks: list[Any], sampler, step: Callable[[list[StepRequest]], list[StepResult]],
+               **shape) -> list[Tree]:
+    """One tree per prompt, grown together (TreeGrower; `shape`: its m, l, k, alpha, mode, rng)."""
     if len(prompts) != len(tasks):
         raise ValueError(f"{len(prompts)} prompts but {len(tasks)} tasks")
-    if m < 1 or l < 0 or (l > 0 and k < 1):
-        raise ValueError(f"need m >= 1, l >= 0 and k >= 1, got m={m}, l={l}, k={k}")
-    if mode == "chains":
-        m, l = m + l * k, 0  # noqa: E741
-    trees = [Tree(list(p), task) for p, task in zip(prompts, tasks)]
-    run_branches(trees, [(t, 0) for t in range(len(trees)) for _ in range(m)], generate, step)
-    for _ in range(l):
-        # All K picks of every tree are chosen before any branch grows; a picked node gets a new sibling,
-        # i.e. a branch from its parent (a picked root starts a fresh chain from the prompt).
-        starts = []
-        for t, tree in enumerate(trees):
-            picks = select_expansion(tree.parents, tree.entropies, tree.is_leaf, k, alpha=alpha, mode=mode, rng=rng)
-            for n in picks:
-                tree.nodes[n].picked += 1
-            starts += [(t, max(tree.nodes[n].parent, 0)) for n in picks]
-        run_branches(trees, starts, generate, step)
+    grower = TreeGrower(sampler, step, **shape)
+    trees = [grower.add(p, task) for p, task in zip(prompts, tasks)]
+    for _ in grower.grown():
+        pass
     return trees

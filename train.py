@@ -21,6 +21,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL's matmuls the same run to run (
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ import warm_start
 from atpo_credit import backup, token_advantages
 from atpo_loss import kl_penalty, policy_loss
 from atpo_packing import fit_checkpointing, load_policy, pack_trees, packed_token_log_probs, pad, token_log_probs
-from atpo_tree import Tree, grow_trees
+from atpo_tree import Tree, TreeGrower, grow_trees
 from curves import draw_curves, load_metrics
 from default_model import default_model_path, is_converted
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
@@ -135,9 +136,9 @@ class Args:
     """draw the same number of questions from each data source every step (default task: half of them two-hop)"""
     drop_uniform_trees: bool = True
     """dynamic sampling (DAPO): a tree whose leaves all got the same reward (zero advantage everywhere) is dropped and
-    another question of its source is drawn, until the step has prompts_per_step trees or max_draws rounds ran"""
+    another question of its source is drawn, until the step has prompts_per_step trees or max_draws draws per tree ran"""
     max_draws: int = 4
-    """rollout rounds per step at most with --drop-uniform-trees (then the step trains on the trees it has)"""
+    """draws per tree of the step at most with --drop-uniform-trees (then the step trains on the trees it has)"""
     expansion: Literal["entropy", "random", "chains"] = "entropy"
     """entropy: AT²PO; random: Tree-GRPO-style picks; chains: M + L*K independent chains (GRPO sampling)"""
     m: int = 3
@@ -277,7 +278,8 @@ def main() -> None:
 
         # ---- 1. rollout: one turn-level tree per question (spec §1); every request seeded from (seed, step).
         # With --drop-uniform-trees a tree whose leaves all got the same reward teaches nothing (zero advantage
-        # everywhere): it is dropped and another question of its source is drawn, up to --max-draws rounds.
+        # everywhere): it is dropped and another question of its source starts growing at once (the other trees go
+        # on), each place in the batch drawn at most --max-draws times.
         t0 = time.time()
         step_rng = random.Random(args.seed * 1_000_003 + step)
         queues = [step_rng.sample(pool, len(pool)) for pool in pools]  # this step's question order per source
@@ -292,13 +294,10 @@ def main() -> None:
             env_seconds[0] += time.time() - start
             return results
 
-        generate = make_generate(llm, args, step_rng, args.temperature)
-
-        def grow(tasks: list[Task]) -> list[Tree]:
-            return grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks, generate, timed_step,
-                              m=args.m, l=args.l, k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
-
-        drawn, trees = draw_trees(queues, wanted, grow, args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
+        grower = TreeGrower(EngineSampler(llm, args, step_rng, args.temperature), timed_step, m=args.m, l=args.l,
+                            k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
+        drawn, trees = draw_trees(queues, wanted, grower, lambda task: build_prompt(tokenizer, task.question),
+                                  args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
         t_rollout = time.time() - t0
 
         # ---- 2. credit: leaf rewards -> node values -> turn advantages (spec §2) -> one training row per leaf
@@ -567,7 +566,7 @@ def check_args(args: Args) -> None:
 
 # third-party messages known to be harmless here, hidden unless --verbose
 HARMLESS = (
-    "The global random seed is set",  # every request carries its own seed (make_generate)
+    "The global random seed is set",  # every request carries its own seed (EngineSampler)
     "does not officially support disabling chunked prefill",  # disabled on purpose on the CPU (cpu_settings)
     "Enforce eager set", "Inductor compilation was disabled",  # eager mode on purpose (start_engine)
     "Triton is not installed", "Model Runner V2 requires Triton", "Triton not available",  # the CPU build has no Triton
@@ -724,28 +723,38 @@ def push_weights(llm, model: torch.nn.Module, dtype: torch.dtype) -> None:
         raise RuntimeError("vLLM kept its prefix cache after a weight sync (requests still running)")
 
 
-def make_generate(llm, args: Args, seeds: random.Random, temperature: float):
-    """The `generate` callable of grow_trees: one sampled turn per context, with the sampler's log-probs."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+class EngineSampler:
+    """The sampler of grow_trees on the running vLLM engine: each turn is a request of its own, so a branch's next
+    turn joins the engine's running batch as soon as its observation is back (no wait for a whole turn depth)."""
 
-    def generate(contexts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
-        params = [
-            SamplingParams(
-                temperature=temperature, top_p=1.0, max_tokens=min(args.max_turn_tokens, args.max_length - len(c)),
-                stop=STOP, include_stop_str_in_output=True, logprobs=0, seed=seeds.randrange(2**31),
-            )
-            for c in contexts
-        ]
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params, use_tqdm=False)
-        turns = []
-        for out in outputs:
-            sample = out.outputs[0]
-            ids = list(sample.token_ids)
-            turns.append((ids, [lp[t].logprob for t, lp in zip(ids, sample.logprobs)]))
-        return turns
+    request_numbers = itertools.count()  # request ids unique across samplers of one engine
 
-    return generate
+    def __init__(self, llm, args: Args, seeds: random.Random, temperature: float):
+        self.llm, self.args, self.seeds, self.temperature = llm, args, seeds, temperature
+
+    def submit(self, context: list[int]) -> str:
+        from vllm import SamplingParams
+        from vllm.inputs import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=self.temperature, top_p=1.0, max_tokens=min(self.args.max_turn_tokens, self.args.max_length - len(context)),
+            stop=STOP, include_stop_str_in_output=True, logprobs=0, seed=self.seeds.randrange(2**31),
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it is done
+        )
+        key = f"turn-{next(self.request_numbers)}"  # the engine reports the request under this id
+        self.llm.llm_engine.add_request(key, tokens_input(context), params)
+        return key
+
+    def wait(self) -> list[tuple[str, list[int], list[float]]]:
+        """Engine steps until one or more turns are done: (request id, token ids, the sampler's log-probs) each."""
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            done = [out for out in engine.step() if out.finished]
+            if done:
+                return [(out.request_id, list(out.outputs[0].token_ids),
+                         [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]) for out in done]
+        return []
 
 
 def training_rows(trees: list[Tree], args: Args) -> tuple[list[dict], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -797,21 +806,29 @@ def draw_demos(pools: list[list[dict]], count: int, rng: random.Random) -> list[
     return [demo for pool, share in zip(pools, shares) for demo in rng.sample(pool, share)]
 
 
-def draw_trees(queues: list[list[Task]], wanted: list[int], grow, rounds: int, drop_uniform: bool) -> tuple[list[Tree], list[Tree]]:
-    """One step's trees: wanted[i] questions from the end of queue i (popped), grown by grow(tasks) -> trees. With
-    drop_uniform, a tree whose leaves all got the same reward is dropped and the next question of its queue is
-    grown in the next round (dynamic sampling), for at most `rounds` rounds. Returns (every tree grown, the kept)."""
-    drawn, kept, missing = [], [], list(wanted)
-    for _ in range(rounds):
-        tasks = [(i, queue.pop()) for i, (queue, n) in enumerate(zip(queues, missing)) for _ in range(min(n, len(queue)))]
-        if not tasks:
-            break
-        grown = grow([task for _, task in tasks])
-        drawn += grown
-        for (i, _), tree in zip(tasks, grown):
-            if not (drop_uniform and is_uniform(tree)):
-                kept.append(tree)
-                missing[i] -= 1
+def draw_trees(queues: list[list[Task]], wanted: list[int], grower: TreeGrower, prompt, rounds: int,
+               drop_uniform: bool) -> tuple[list[Tree], list[Tree]]:
+    """One step's trees: wanted[i] questions from the end of queue i (popped), each grown by `grower` from
+    prompt(task). With drop_uniform, a tree whose leaves all got the same reward is dropped and the next question of
+    its queue starts growing the moment the dropped tree is complete (dynamic sampling), each of the wanted trees
+    drawn at most `rounds` times. Returns (every tree grown, the kept), in the order they were complete."""
+    draws = {}  # id(tree) -> (its queue, how often its place in the batch was drawn)
+
+    def draw(i: int, count: int) -> None:
+        task = queues[i].pop()
+        draws[id(grower.add(prompt(task), task))] = (i, count)
+
+    for i, (queue, n) in enumerate(zip(queues, wanted)):
+        for _ in range(min(n, len(queue))):
+            draw(i, 1)
+    drawn, kept = [], []
+    for tree in grower.grown():
+        drawn.append(tree)
+        i, count = draws[id(tree)]
+        if not (drop_uniform and is_uniform(tree)):
+            kept.append(tree)
+        elif count < rounds and queues[i]:
+            draw(i, count + 1)
     return drawn, kept
 
 
@@ -950,14 +967,14 @@ def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temp
              desc: str = "evaluation") -> dict[str, float]:
     """One episode per question (greedy when temperature is 0); EM overall and per data source, and how the model acts."""
     prompts = [build_prompt(tokenizer, t.question) for t in tasks]
-    generate = make_generate(llm, args, random.Random(seed), temperature)
+    sampler = EngineSampler(llm, args, random.Random(seed), temperature)
     with progress_bar(total=len(tasks), desc=desc, unit="question", leave=False) as bar:
         def step(requests):
             results = env.step(requests)
             bar.update(sum(r.done for r in results))
             return results
 
-        trees = grow_trees(prompts, tasks, generate, step, m=1, l=0, mode="chains")
+        trees = grow_trees(prompts, tasks, sampler, step, m=1, l=0, mode="chains")
     metrics: dict[str, list[float]] = {}
     for task, tree in zip(tasks, trees):
         turns = [tree.nodes[n] for n in tree.path(tree.leaves()[0])]

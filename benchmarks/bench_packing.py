@@ -53,7 +53,7 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
 
 def synthetic_tree(seed: int):
     """The paper's shape with random token ids; episodes of 1-4 turns."""
-    from atpo_tree import StepResult, grow_trees
+    from atpo_tree import BatchSampler, StepResult, grow_trees
 
     rng = random.Random(seed)
 
@@ -70,7 +70,7 @@ def synthetic_tree(seed: int):
                 for r in requests]
 
     prompt = [rng.randrange(100, 40000) for _ in range(300)]
-    return grow_trees([prompt], [None], generate, step, m=10, l=2, k=6, rng=rng)
+    return grow_trees([prompt], [None], BatchSampler(generate), step, m=10, l=2, k=6, rng=rng)
 
 
 def real_trees(count: int):
@@ -92,7 +92,7 @@ def real_trees(count: int):
     tasks = random.Random(0).sample(load_tasks(DEFAULT_TASK_DIR / "train.jsonl"), count)
     rng = random.Random(0)
     trees = grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks,
-                       train.make_generate(llm, args, rng, args.temperature), env.step, m=args.m, l=args.l, k=args.k, rng=rng)
+                       train.EngineSampler(llm, args, rng, args.temperature), env.step, m=args.m, l=args.l, k=args.k, rng=rng)
     for tree in trees:
         tree.task = None  # picklable for the children
     return trees, path

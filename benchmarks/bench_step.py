@@ -8,9 +8,10 @@ turn-level tree saves over independent chains.
    compiled one samples with other kernels, so its trees may differ), interleaved over
    repeats; the time split train.py records and the peak resident memory of each process (the warm start is built
    or read first, in a process of its own, so that no step's peak is the warm start's).
-2. Rollout speed: the trees of train.py's defaults for some training questions, each vLLM call recorded; then
-   every recorded context again in one plain `llm.generate` call (same sampling settings), and once more in the
-   rollout's own calls (the batches a turn-by-turn rollout cannot merge): generated tokens/s.
+2. Rollout speed: the trees of train.py's defaults for some training questions (each turn sent to the engine as
+   soon as its context is known), every context recorded; the same trees grown with turn depths in lockstep (every
+   live branch advances one turn per batch: the previous rollout); then every recorded context again in one plain
+   vLLM batch (same sampling settings): generated tokens/s.
 3. The update's achieved FLOP/s (forward + backward of one micro-batch of those trees, ~6 x parameters x tokens)
    beside a plain matmul's in the same dtype on the same threads.
 4. Tree vs chains on the same questions and leaf budget: generated tokens and wall time (goal: tree <= 0.6x).
@@ -101,7 +102,7 @@ def main() -> None:
 
     import train
     from atpo_packing import load_policy, pack_trees
-    from atpo_tree import grow_trees
+    from atpo_tree import BatchSampler, grow_trees
     from default_model import default_model_path
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
 
@@ -113,36 +114,43 @@ def main() -> None:
                     max_length=settings.max_length)
     tasks = random.Random(0).sample(load_tasks(DEFAULT_TASK_DIR / "train.jsonl"), args.questions)
     prompts = [build_prompt(tokenizer, t.question) for t in tasks]
-    generate = train.make_generate(llm, settings, random.Random(0), settings.temperature)
-    calls = []  # the contexts of each vLLM call, in order
 
-    def recording_generate(batch):
-        calls.append(list(batch))
-        return generate(batch)
+    def sample_all(sampler, contexts):
+        """Every context in one batch: submitted together, returned when the last is done."""
+        keys = [sampler.submit(c) for c in contexts]
+        done = {}
+        while len(done) < len(keys):
+            done.update((key, (ids, logprobs)) for key, ids, logprobs in sampler.wait())
+        return [done[key] for key in keys]
 
-    start = time.perf_counter()
-    trees = grow_trees(prompts, tasks, recording_generate, env.step, m=settings.m, l=settings.l, k=settings.k,
-                       mode="entropy", rng=random.Random(0))
-    rollout_seconds = time.perf_counter() - start
-    rollout_tokens = sum(len(n.token_ids) for t in trees for n in t.nodes)
-    contexts = [c for batch in calls for c in batch]
-    plain = train.make_generate(llm, settings, random.Random(0), settings.temperature)
+    def rollout(sampler):
+        """train.py's default trees for the benchmark's questions: (trees, seconds, generated tokens)."""
+        llm.reset_prefix_cache()
+        start = time.perf_counter()
+        trees = grow_trees(prompts, tasks, sampler, env.step, m=settings.m, l=settings.l, k=settings.k,
+                           mode="entropy", rng=random.Random(0))
+        return trees, time.perf_counter() - start, sum(len(n.token_ids) for t in trees for n in t.nodes)
+
+    class Recording(train.EngineSampler):
+        def submit(self, context):
+            contexts.append(context)
+            return super().submit(context)
+
+    contexts = []  # every turn's context, in the order the rollout submitted them
+    trees, rollout_seconds, rollout_tokens = rollout(Recording(llm, settings, random.Random(0), settings.temperature))
+    # the previous rollout: every live branch of every tree advances one turn per batch (turn depths in lockstep)
+    one_by_one, batches = train.EngineSampler(llm, settings, random.Random(0), settings.temperature), []
+    _, lockstep_seconds, lockstep_tokens = rollout(BatchSampler(lambda batch: batches.append(len(batch)) or sample_all(one_by_one, batch)))
     llm.reset_prefix_cache()
     start = time.perf_counter()
-    plain_tokens = sum(len(ids) for ids, _ in plain(contexts))
+    plain_tokens = sum(len(ids) for ids, _ in sample_all(train.EngineSampler(llm, settings, random.Random(0), settings.temperature), contexts))
     plain_seconds = time.perf_counter() - start
-    # the same contexts again in the rollout's own calls (a turn waits on the observation of the turn before it):
-    # what is left between this and the rollout is the tree code's own cost
-    llm.reset_prefix_cache()
-    start = time.perf_counter()
-    replay_tokens = sum(len(ids) for batch in calls for ids, _ in plain(batch))
-    replay_seconds = time.perf_counter() - start
     rollout_speed, plain_speed = rollout_tokens / rollout_seconds, plain_tokens / plain_seconds
     print(f"rollout, {args.questions} trees of train.py's defaults: {rollout_tokens} tokens in {rollout_seconds:.1f} s, "
-          f"{rollout_speed:.0f} tok/s over {len(contexts)} contexts in {len(calls)} calls (sizes "
-          f"{' '.join(str(len(b)) for b in calls)}); plain vLLM, the same contexts in one call: {plain_tokens} tokens "
-          f"in {plain_seconds:.1f} s, {plain_speed:.0f} tok/s; in the rollout's calls: {replay_tokens} tokens in "
-          f"{replay_seconds:.1f} s, {replay_tokens / replay_seconds:.0f} tok/s")
+          f"{rollout_speed:.0f} tok/s over {len(contexts)} turns (each sent as soon as its context was known); with "
+          f"turn depths in lockstep (the previous rollout, batches of {' '.join(map(str, batches))}): {lockstep_tokens} tokens in "
+          f"{lockstep_seconds:.1f} s, {lockstep_tokens / lockstep_seconds:.0f} tok/s; plain vLLM, the rollout's contexts "
+          f"in one batch: {plain_tokens} tokens in {plain_seconds:.1f} s, {plain_speed:.0f} tok/s")
 
     # ---- 3. the update's FLOP/s beside a plain matmul's, on the update's threads
     model = load_policy(path, torch.device("cpu")).train()
@@ -177,7 +185,7 @@ def main() -> None:
         for mode in results:
             rng = random.Random(repeat)
             start = time.perf_counter()
-            grown = grow_trees(prompts, tasks, train.make_generate(llm, settings, rng, 1.0), env.step,
+            grown = grow_trees(prompts, tasks, train.EngineSampler(llm, settings, rng, 1.0), env.step,
                                m=settings.m, l=settings.l, k=settings.k, mode=mode, rng=rng)
             seconds = time.perf_counter() - start
             assert all(len(t.leaves()) == leaves for t in grown)

@@ -12,7 +12,7 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atpo_tree import StepRequest, grow_trees
+from atpo_tree import BatchSampler, StepRequest, grow_trees
 from envs import (
     DEFAULT_TASK_DIR,
     INVALID_ACTION,
@@ -443,7 +443,7 @@ def test_episode_through_the_tree_masks_observations(tokenizer, default_retrieve
         return out
 
     prompt = build_prompt(tokenizer, task.question)
-    tree = grow_trees([prompt], [task], generate, env.step, m=2, l=1, k=1, rng=random.Random(0))[0]
+    tree = grow_trees([prompt], [task], BatchSampler(generate), env.step, m=2, l=1, k=1, rng=random.Random(0))[0]
     for row in tree.trajectories():
         model_text = tokenizer.decode([t for t, m in zip(row.response_ids, row.response_mask) if m])
         obs_text = tokenizer.decode([t for t, m in zip(row.response_ids, row.response_mask) if not m])

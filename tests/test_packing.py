@@ -9,7 +9,7 @@ import atpo_packing
 import warm_start
 from atpo_loss import policy_loss
 from atpo_packing import PackedTrees, pack_trees, tree_attention
-from atpo_tree import StepResult, Tree, grow_trees
+from atpo_tree import BatchSampler, StepResult, Tree, grow_trees
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_grown_tree_packs(tokenizer):
         return [StepResult([7, 8], False, None, {}) if rng.random() < 0.6 and r.turn_number < 4 else StepResult([], True, 1.0, {})
                 for r in requests]
 
-    tree = grow_trees([[1, 2, 3]], [None], generate, step, m=3, l=2, k=2)[0]
+    tree = grow_trees([[1, 2, 3]], [None], BatchSampler(generate), step, m=3, l=2, k=2)[0]
     packed = pack_trees([tree])
     for row, traj in zip(packed.rows, tree.trajectories()):
         assert packed.input_ids[row].tolist() == traj.response_ids

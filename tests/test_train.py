@@ -175,8 +175,9 @@ def test_cli_error_is_one_line_and_fast():
 # a run small enough for a test: 2 trees of 4 leaves a step, 4 warm-start steps, 2 evaluation questions
 TINY = ["--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3", "--max-turn-tokens", "48",
         "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2", "--save-every", "1",
-        "--save-trees-every", "1", "--lr", "1e-4", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
+        "--save-trees-every", "1", "--lr", "3e-5", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
         "--demo-coef", "0.1", "--seed", "3", "--enforce-eager"]  # each restart would compile the engine again
+# (--lr 1e-4 taught this setting to answer without searching within two steps; the resume test needs searches)
 TINY_ENV = {**CHILD_ENV, "ATPO_CACHE": os.environ.get("ATPO_CACHE", str(Path.home() / ".cache" / "atpo"))}
 
 
@@ -371,21 +372,42 @@ def test_uniform_trees_are_dropped_and_replaced_from_their_own_source():
     one = [Task(f"q1-{i}", ["a"], "1hop") for i in range(5)]
     two = [Task(f"q2-{i}", ["a"], "2hop") for i in range(5)]
     uniform = {"q1-4", "q2-4", "q2-3"}  # queues pop from the end: the first picks of each source are uniform
-    calls = []
 
-    def grow(tasks):
-        calls.append([t.question for t in tasks])
-        return [episode_tree(t, [(["answer"], 1.0), (["answer"], 1.0 if t.question in uniform else 0.0)]) for t in tasks]
+    class Grower:
+        """Completes the trees in the order they were added; records each add and each completion."""
 
-    drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grow, rounds=4, drop_uniform=True)
-    assert calls == [["q1-4", "q2-4"], ["q1-3", "q2-3"], ["q2-2"]]  # each refill comes from the dropped tree's source
-    assert [t.task.question for t in kept] == ["q1-3", "q2-2"]
+        def __init__(self):
+            self.queue, self.events = [], []
+
+        def add(self, prompt, task):
+            assert prompt == [len(task.question)]
+            self.events.append(f"add {task.question}")
+            self.queue.append(episode_tree(task, [(["answer"], 1.0), (["answer"], 1.0 if task.question in uniform else 0.0)]))
+            return self.queue[-1]
+
+        def grown(self):
+            while self.queue:
+                self.events.append(f"done {self.queue[0].task.question}")
+                yield self.queue.pop(0)
+
+    def draw(rounds, drop_uniform):
+        grower = Grower()
+        drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grower, lambda t: [len(t.question)], rounds, drop_uniform)
+        return grower.events, drawn, [t.task.question for t in kept]
+
+    events, drawn, kept = draw(4, True)
+    # each refill comes from the dropped tree's source and starts the moment the dropped tree is complete
+    assert events == ["add q1-4", "add q2-4", "done q1-4", "add q1-3", "done q2-4", "add q2-3", "done q1-3",
+                      "done q2-3", "add q2-2", "done q2-2"]
+    assert kept == ["q1-3", "q2-2"]
     assert len(drawn) == 5 and sum(train.is_uniform(t) for t in drawn) == 3
-    # a round cap: the step trains on what it has; without dropping, the first draw is the batch
-    drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grow, rounds=1, drop_uniform=True)
-    assert [t.task.question for t in kept] == [] and len(drawn) == 2
-    drawn, kept = train.draw_trees([list(one), list(two)], [1, 1], grow, rounds=1, drop_uniform=False)
-    assert [t.task.question for t in kept] == ["q1-4", "q2-4"]
+    # a cap on draws: the step trains on what it has; without dropping, the first draw is the batch
+    events, drawn, kept = draw(2, True)
+    assert kept == ["q1-3"] and len(drawn) == 4 and events[-1] == "done q2-3"
+    events, drawn, kept = draw(1, True)
+    assert kept == [] and len(drawn) == 2
+    events, drawn, kept = draw(1, False)
+    assert kept == ["q1-4", "q2-4"]
 
 
 def test_gold_transcripts_are_split_evenly_over_the_sources():

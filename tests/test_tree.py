@@ -4,7 +4,7 @@ import random
 import pytest
 
 from atpo_credit import backup
-from atpo_tree import StepResult, Tree, breadth_first, grow_trees, select_expansion
+from atpo_tree import BatchSampler, StepResult, Tree, TreeGrower, breadth_first, grow_trees, select_expansion
 
 ANSWER, SEARCH = 1, 2
 
@@ -97,7 +97,7 @@ def test_random_mode_is_reproducible_and_uniform():
 def test_leaf_count_and_batched_generation(mode):
     world = ScriptedWorld(seed=1)
     prompts = [[5, 6, 7], [8, 9]]
-    trees = grow_trees(prompts, ["q1", "q2"], world.generate, world.step, m=3, l=2, k=4, mode=mode, rng=random.Random(0))
+    trees = grow_trees(prompts, ["q1", "q2"], BatchSampler(world.generate), world.step, m=3, l=2, k=4, mode=mode, rng=random.Random(0))
     for tree in trees:
         assert len(tree.leaves()) == 3 + 2 * 4
         assert all(n.reward is not None for n in tree.nodes if n.done)
@@ -113,12 +113,12 @@ def test_leaf_count_and_batched_generation(mode):
 
 def test_expansion_branches_from_the_parents_of_the_picks():
     world = ScriptedWorld(seed=3)
-    trees = grow_trees([[5]], [None], world.generate, world.step, m=4, l=0)
+    trees = grow_trees([[5]], [None], BatchSampler(world.generate), world.step, m=4, l=0)
     tree = trees[0]
     before = len(tree.nodes)
     picks = select_expansion(tree.parents, tree.entropies, tree.is_leaf, 5)
     world2 = ScriptedWorld(seed=3)
-    expanded = grow_trees([[5]], [None], world2.generate, world2.step, m=4, l=1, k=5)[0]
+    expanded = grow_trees([[5]], [None], BatchSampler(world2.generate), world2.step, m=4, l=1, k=5)[0]
     # the picks are recorded on the nodes (a node picked twice counts 2), the chains are the same (same seed)
     assert [n.picked for n in expanded.nodes[:before]] == [picks.count(i) for i in range(before)]
     assert sum(n.picked for n in expanded.nodes) == 5
@@ -132,7 +132,7 @@ def test_expansion_branches_from_the_parents_of_the_picks():
 
 def test_trajectories_share_prefix_spans_and_mask_observations():
     world = ScriptedWorld(seed=4, answer_prob=0.3)
-    tree = grow_trees([[5, 6]], [None], world.generate, world.step, m=2, l=2, k=3)[0]
+    tree = grow_trees([[5, 6]], [None], BatchSampler(world.generate), world.step, m=2, l=2, k=3)[0]
     rows = tree.trajectories()
     assert [r.leaf for r in rows] == tree.leaves()
     for row in rows:
@@ -171,18 +171,18 @@ def test_environment_without_reward_or_bad_generator_is_an_error():
 
     world = ScriptedWorld()
     with pytest.raises(ValueError, match="without a reward"):
-        grow_trees([[1]], [None], world.generate, no_reward_step, m=1, l=0)
+        grow_trees([[1]], [None], BatchSampler(world.generate), no_reward_step, m=1, l=0)
     with pytest.raises(ValueError, match="log-probs"):
-        grow_trees([[1]], [None], lambda c: [([1, 2], [-0.1])] * len(c), world.step, m=1, l=0)
+        grow_trees([[1]], [None], BatchSampler(lambda c: [([1, 2], [-0.1])] * len(c)), world.step, m=1, l=0)
     with pytest.raises(ValueError, match="generate returned"):
-        grow_trees([[1]], [None], lambda c: [], world.step, m=1, l=0)
+        grow_trees([[1]], [None], BatchSampler(lambda c: []), world.step, m=1, l=0)
     with pytest.raises(ValueError, match="mode"):
-        grow_trees([[1]], [None], world.generate, world.step, mode="tree")
+        grow_trees([[1]], [None], BatchSampler(world.generate), world.step, mode="tree")
 
 
 def test_grown_tree_feeds_credit():
     world = ScriptedWorld(seed=5)
-    tree = grow_trees([[5]], [None], world.generate, world.step, m=3, l=2, k=2)[0]
+    tree = grow_trees([[5]], [None], BatchSampler(world.generate), world.step, m=3, l=2, k=2)[0]
     rewards = {leaf: tree.nodes[leaf].reward for leaf in tree.leaves()}
     values, adv = backup(tree.parents, tree.entropies, rewards)
     assert values.shape == adv.shape == (len(tree.nodes),)
@@ -193,3 +193,110 @@ def test_node_entropy_is_mean_negative_logprob():
     node = tree.add(0, [4, 5, 6], [-0.5, -1.0, -3.0])
     assert tree.nodes[node].entropy == pytest.approx(1.5)
     assert tree.nodes[0].entropy == 0.0
+
+
+class ContextWorld(ScriptedWorld):
+    """A ScriptedWorld whose turn is a function of its context and of how often that context was sampled before
+    (1-3 tokens from a large vocabulary, so two turns never share a context by chance): trees then do not depend
+    on the order in which turns are sampled."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def generate(self, contexts):
+        out = []
+        for context in contexts:
+            key = tuple(context)
+            rng = random.Random(hash((key, self.seen.get(key, 0))))  # a tuple of ints hashes the same in every run
+            self.seen[key] = self.seen.get(key, 0) + 1
+            ids = [rng.randrange(1000, 10**6) for _ in range(rng.randint(1, 3))] + [ANSWER if rng.random() < 0.4 else SEARCH]
+            out.append((ids, [-rng.uniform(0.01, 3.0) for _ in ids]))
+        return out
+
+
+class ShuffledSampler:
+    """An engine that finishes a random non-empty subset of the running turns at each wait, in random order."""
+
+    def __init__(self, world, seed):
+        self.world, self.rng, self.running, self.waits = world, random.Random(seed), {}, []
+
+    def submit(self, context):
+        key = f"request-{len(self.running)}-{self.rng.random()}"
+        self.running[key] = context
+        return key
+
+    def wait(self):
+        keys = self.rng.sample(sorted(self.running), self.rng.randint(1, len(self.running)))
+        self.waits.append(len(keys) < len(self.running))
+        return [(key, *self.world.generate([self.running.pop(key)])[0]) for key in keys]
+
+
+def canonical(tree, node=0):
+    """A tree as nested tuples, children sorted: equal for trees that differ only in node numbering."""
+    n = tree.nodes[node]
+    children = sorted(canonical(tree, c) for c in range(len(tree.nodes)) if tree.parents[c] == node)
+    return (tuple(n.token_ids), tuple(n.logprobs), tuple(n.obs_ids), n.done, n.reward, n.picked, tuple(children))
+
+
+@pytest.mark.parametrize("mode", ["entropy", "chains"])
+def test_trees_do_not_depend_on_the_order_turns_finish(mode):
+    """Pipelined growth (each turn handled as it finishes) gives the trees of turn depths in lockstep."""
+    prompts = [[5, 6], [7], [8, 9, 10]]
+    for seed in range(10):
+        lockstep = grow_trees(prompts, [None] * 3, BatchSampler(ContextWorld().generate), ScriptedWorld().step,
+                              m=3, l=2, k=3, mode=mode)
+        sampler = ShuffledSampler(ContextWorld(), seed)
+        shuffled = grow_trees(prompts, [None] * 3, sampler, ScriptedWorld().step, m=3, l=2, k=3, mode=mode)
+        assert any(sampler.waits)  # some waits really left turns running
+        assert [canonical(t) for t in shuffled] == [canonical(t) for t in lockstep]
+        assert all(len(t.leaves()) == 9 for t in shuffled)
+
+
+def test_a_tree_expands_without_waiting_for_the_others():
+    """An engine that always finishes tree A's turns first: tree A is grown to its last leaf, both expansion rounds
+    included, before any turn of tree B comes back (with turn depths in lockstep B's first turns come back first)."""
+    world, order = ContextWorld(), []
+
+    class AFirst(ShuffledSampler):
+        def wait(self):
+            keys = [k for k, c in self.running.items() if c[0] == 5] or list(self.running)
+            order.extend(self.running[k][0] for k in keys)
+            return [(key, *self.world.generate([self.running.pop(key)])[0]) for key in keys]
+
+    trees = grow_trees([[5], [6]], [None, None], AFirst(world, 0), ScriptedWorld().step, m=2, l=2, k=2)
+    a_turns = len(trees[0].nodes) - 1
+    assert order[:a_turns] == [5] * a_turns and set(order[a_turns:]) == {6}
+    assert len(trees[0].leaves()) == len(trees[1].leaves()) == 6
+
+
+def test_a_tree_added_while_others_grow_is_grown_too():
+    """TreeGrower.grown yields each tree when it is complete; a tree added then (a dynamic-sampling refill) is grown
+    alongside the rest, to its full M + L*K leaves."""
+    grower = TreeGrower(ShuffledSampler(ContextWorld(), 0), ScriptedWorld().step, m=2, l=1, k=2)
+    first = [grower.add([5], "a"), grower.add([6], "b")]
+    done = []
+    for tree in grower.grown():
+        assert len(tree.leaves()) == 4 and all(tree.nodes[n].reward is not None for n in tree.leaves())
+        done.append(tree.task)
+        if tree.task == "a":
+            grower.add([7], "c")
+    assert sorted(done) == ["a", "b", "c"] and done.index("c") > done.index("a")
+    assert all(len(t.leaves()) == 4 for t in first + [grower.trees[2]]) and not grower.running
+
+
+def test_a_sampler_that_loses_or_invents_turns_is_an_error():
+    world = ScriptedWorld()
+
+    class Empty(ShuffledSampler):
+        def wait(self):
+            return []
+
+    class Invented(ShuffledSampler):
+        def wait(self):
+            return [("no such request", [ANSWER], [-0.5])]
+
+    with pytest.raises(ValueError, match="no turn"):
+        grow_trees([[1]], [None], Empty(world, 0), world.step, m=1, l=0)
+    with pytest.raises(ValueError, match="not given or gave twice"):
+        grow_trees([[1]], [None], Invented(world, 0), world.step, m=1, l=0)

@@ -239,7 +239,7 @@ def main() -> None:
 
     # ---- optimizer, resume, logging: one metric scheme (charts/, losses/, eval/, time/) for the console,
     # metrics.jsonl and wandb
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)  # one kernel: 0.08 vs 0.3-0.4 s a step (2-core CPU)
     start_step = 0
     if args.resume:
         state = torch.load(Path(policy_path) / "state.pt", weights_only=False)

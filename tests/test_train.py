@@ -573,3 +573,24 @@ print(before - train.resident_gib())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert float(out.stdout.split()[-1]) * 1024 > 25  # MiB handed back
+
+
+def test_fused_adamw_takes_the_for_loop_step():
+    """train.py's AdamW is the fused one (a speed option): the same parameters as the for-loop AdamW after steps on
+    the same gradients, weight decay and bias correction included (float32 rounding apart)."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5, 3)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    results = []
+    for options in ({"foreach": False}, {"fused": True}):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, **options)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append(params)
+    for loop, fused, begin in zip(*results, start):
+        assert not torch.equal(loop, begin)  # the steps moved the parameters
+        torch.testing.assert_close(fused, loop, rtol=0, atol=1e-6)

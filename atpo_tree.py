@@ -13,8 +13,8 @@ The procedure talks to the world through a sampler and a callable, so it does no
     sampler.submit(context: list[int]) -> key           start sampling one turn after `context`
     sampler.wait() -> list[(key, token_ids, logprobs)]  block until one or more submitted turns are done
     step(requests: list[StepRequest]) -> list[StepResult]  the environment's answer to each turn
-Nothing waits for a whole turn depth: a branch's next turn is submitted as soon as its observation is back, and a
-tree's expansion round starts as soon as that tree's previous round has ended, and a tree can be added while others
+Nothing waits for a whole turn depth: a branch's next turn is submitted as soon as its observation is back; a
+tree's expansion round starts as soon as that tree's previous round has ended; trees can be added while others
 grow (`TreeGrower`; dynamic sampling replaces a dropped tree at once). `BatchSampler` turns a batch
 `generate(contexts) -> [(token_ids, logprobs)]` (HF generate, a test's script) into a sampler.
 """

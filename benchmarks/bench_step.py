@@ -140,7 +140,12 @@ def main() -> None:
     trees, rollout_seconds, rollout_tokens = rollout(Recording(llm, settings, random.Random(0), settings.temperature))
     # the previous rollout: every live branch of every tree advances one turn per batch (turn depths in lockstep)
     one_by_one, batches = train.EngineSampler(llm, settings, random.Random(0), settings.temperature), []
-    _, lockstep_seconds, lockstep_tokens = rollout(BatchSampler(lambda batch: batches.append(len(batch)) or sample_all(one_by_one, batch)))
+
+    def lockstep_batch(batch):
+        batches.append(len(batch))
+        return sample_all(one_by_one, batch)
+
+    _, lockstep_seconds, lockstep_tokens = rollout(BatchSampler(lockstep_batch))
     llm.reset_prefix_cache()
     start = time.perf_counter()
     plain_tokens = sum(len(ids) for ids, _ in sample_all(train.EngineSampler(llm, settings, random.Random(0), settings.temperature), contexts))

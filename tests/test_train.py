@@ -578,19 +578,22 @@ print(before - train.resident_gib())
 def test_fused_adamw_takes_the_for_loop_step():
     """train.py's AdamW is the fused one (a speed option): the same parameters as the for-loop AdamW after steps on
     the same gradients, weight decay and bias correction included (float32 rounding apart)."""
+    import train
+
     torch.manual_seed(0)
     shapes = [(64, 32), (32,), (7, 5, 3)]
     start = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
     results = []
-    for options in ({"foreach": False}, {"fused": True}):
+    for make in (lambda params: torch.optim.AdamW(params, lr=1e-2, foreach=False), lambda params: train.adamw(params, 1e-2)):
         params = [torch.nn.Parameter(p.clone()) for p in start]
-        optimizer = torch.optim.AdamW(params, lr=1e-2, **options)
+        optimizer = make(params)
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g.clone()
             optimizer.step()
         results.append(params)
+    assert optimizer.defaults["fused"]  # train.adamw's
     for loop, fused, begin in zip(*results, start):
         assert not torch.equal(loop, begin)  # the steps moved the parameters
         torch.testing.assert_close(fused, loop, rtol=0, atol=1e-6)

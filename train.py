@@ -138,8 +138,7 @@ class Args:
     """dynamic sampling (DAPO): a tree whose leaves all got the same reward (zero advantage everywhere) is dropped and
     another question of its source is drawn, until the step has prompts_per_step trees or max_draws draws per tree ran"""
     max_draws: int = 4
-    """with --drop-uniform-trees, at most this many questions drawn for each of the step's trees (then the step trains
-    on the trees it has)"""
+    """with --drop-uniform-trees, questions drawn at most for each of a step's trees (then it trains on what it has)"""
     expansion: Literal["entropy", "random", "chains"] = "entropy"
     """entropy: AT²PO; random: Tree-GRPO-style picks; chains: M + L*K independent chains (GRPO sampling)"""
     m: int = 3

@@ -14,7 +14,6 @@ atpo_*.py files.
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # vLLM on CPU: 2 threads on 2 cores ran 10x slower than 1
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
 os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL's matmuls the same run to run (else they vary with memory alignment)
 
@@ -186,9 +185,9 @@ class Args:
     packing: Literal["tree", "path"] = "tree"
     """tree: each tree's unique tokens in one forward with a tree attention mask (shared prefixes computed once);
     path: one padded row per trajectory (the readable reference); same log-probs and gradient"""
-    update_threads: int = 0
-    """CPU threads of the update and the warm start (generation keeps OMP_NUM_THREADS); 0: every core this process
-    may use (2 threads ran the default model's forward+backward 1.7x faster than 1 on 2 cores)"""
+    threads: int = 0
+    """CPU threads of generation, the update and the warm start; 0: every core this process may use. Jobs sharing a
+    CPU: split its cores between them (--threads 1 each for two jobs on 2 cores)"""
     micro_batch: int = 2
     """per forward/backward, gradient accumulated: trajectories (path) or whole trees (tree packing)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
@@ -307,10 +306,9 @@ def main() -> None:
         records = [tree_record(tree, *c, tokenizer) for tree, c in zip(trees, credit)] if save_trees else []
         t_credit = time.time() - t0
 
-        # ---- 3. update: the ATPO loss (spec §3), plus the --kl-coef and --demo-coef terms, on every core
+        # ---- 3. update: the ATPO loss (spec §3), plus the --kl-coef and --demo-coef terms
         t0 = time.time()
-        with update_threads(args):  # generation goes back to OMP_NUM_THREADS after
-            losses = update(model, reference, optimizer, rows, trees, demo_pools, tokenizer, pad_id, step_rng, args)
+        losses = update(model, reference, optimizer, rows, trees, demo_pools, tokenizer, pad_id, step_rng, args)
         t_train = time.time() - t0 - losses["time/old_log_prob"]  # the update alone
 
         # ---- 4. weight sync into the running engine, then the step's freed memory back to the OS
@@ -438,10 +436,12 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
 
 
 def parse_args(args: Args) -> Args:
-    """The console quiet, --dtype resolved, every flag checked (one line on a problem), every generator seeded."""
+    """The console quiet, --dtype resolved, every flag checked (one line on a problem), the threads set, every
+    generator seeded."""
     quiet_third_party(args.verbose)
     args.dtype = resolve_dtype(args.dtype)
     check_args(args)
+    set_threads(args)
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file line by line
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -505,7 +505,7 @@ def prepare(args: Args):
             warm_start.build(sft_dir, model, tokenizer, args, DEVICE, pad_id,
                              measure=lambda: evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed),
                              sync=lambda: push_weights(llm, model, TORCH_DTYPES[args.dtype]),
-                             threads=update_threads(args), progress_bar=progress_bar)
+                             progress_bar=progress_bar)
         print(warm_start.report_lines(sft_dir, args.temperature))
     start_path = str(sft_dir) if sft_dir is not None else base_path
     return tokenizer, pad_id, model, llm, env, train_tasks, eval_tasks, start_path, policy_path
@@ -524,8 +524,8 @@ def check_args(args: Args) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.l < 0:
         problems.append(f"--l must be >= 0, got {args.l}")
-    if args.update_threads < 0:
-        problems.append(f"--update-threads must be >= 0, got {args.update_threads}")
+    if args.threads < 0:
+        problems.append(f"--threads must be >= 0, got {args.threads}")
     for name in ("kl_coef", "demo_coef"):
         if not getattr(args, name) >= 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -571,7 +571,7 @@ HARMLESS = (
     "Enforce eager set", "Inductor compilation was disabled",  # eager mode on purpose (start_engine)
     "Triton is not installed", "Model Runner V2 requires Triton", "Triton not available",  # the CPU build has no Triton
     "is not found in LD_PRELOAD",  # optional allocator / OpenMP preloads, a speed hint
-    "`torch.set_num_threads` after the thread binding",  # the update sets its threads through SET_NUM_THREADS
+    "`torch.set_num_threads` after the thread binding",  # train.py sets its threads through SET_NUM_THREADS
     "Failed to load weights",  # a weight sync has no rotary buffers and no tied lm_head to send (test_train checks it)
     "NUMA binding: Using MEMBIND policy",  # the CPU engine keeps its memory on its NUMA node, as it should
     # --dtype bfloat16 (auto on a CPU with AVX512-BF16 / AMX): the engine computes in bf16 from the float32 weights
@@ -640,16 +640,11 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if native_bf16 else "float32"
 
 
-@contextlib.contextmanager
-def update_threads(args: Args):
-    """Inside: torch runs on --update-threads threads (on a CPU); after: back to the threads vLLM generates with."""
-    before = torch.get_num_threads()
+def set_threads(args: Args) -> None:
+    """torch (the update, the warm start) and vLLM's CPU engine on --threads threads, set once before the engine
+    starts: its compiled kernels keep the thread count they were built with. On a GPU torch keeps its own."""
     if not torch.cuda.is_available():
-        SET_NUM_THREADS(args.update_threads or len(os.sched_getaffinity(0)))
-    try:
-        yield
-    finally:
-        SET_NUM_THREADS(before)
+        SET_NUM_THREADS(args.threads or len(os.sched_getaffinity(0)))
 
 
 def wants_sft(args: Args) -> bool:

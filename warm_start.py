@@ -11,7 +11,7 @@ file builds that cache and prints its report, with the same flags as train.py:
 """
 
 if __name__ == "__main__":  # run alone: the engine, the environment and the evaluation are train.py's (which imports
-    import train  # this file); first, as it sets the engine's thread environment before torch loads
+    import train  # this file); first, as it sets the engine's environment before torch loads
 
 import hashlib
 import json
@@ -91,14 +91,13 @@ def warm_start_dir(args) -> Path:
     return cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def build(path: Path, model, tokenizer, args, device: torch.device, pad_id: int, measure, sync, threads, progress_bar) -> None:
+def build(path: Path, model, tokenizer, args, device: torch.device, pad_id: int, measure, sync, progress_bar) -> None:
     """Warm-start `model` (the base model, whose weights the engine also holds) and cache it in `path` (warm_start_dir
-    of these args): scores before (`measure()`: the engine's evaluation), the supervised steps (inside the context
-    `threads`), the new weights into the engine (`sync()`), scores after, then the model, tokenizer and report."""
+    of these args): scores before (`measure()`: the engine's evaluation), the supervised steps, the new weights into
+    the engine (`sync()`), scores after, then the model, tokenizer and report."""
     before = measure()
     start = time.time()
-    with threads:
-        losses = supervised_steps(model, tokenizer, load_demos(args.sft_demos), args, device, pad_id, progress_bar)
+    losses = supervised_steps(model, tokenizer, load_demos(args.sft_demos), args, device, pad_id, progress_bar)
     minutes = (time.time() - start) / 60
     sync()
     after = measure()
@@ -124,7 +123,11 @@ def main() -> None:
     args = train.parse_args(tyro.cli(train.Args, description=__doc__))
     if args.resume or not train.wants_sft(args):
         raise SystemExit("error: warm_start.py builds the warm start of a fresh run: drop --resume, use --sft auto or on")
-    train.prepare(args)  # builds the warm start unless it is cached, and prints the report
+    path = warm_start_dir(args)
+    if (path / "report.json").exists():
+        print(report_lines(path, args.temperature))  # cached: no engine to start
+    else:
+        train.prepare(args)  # builds it (the engine scores it before and after) and prints the report
 
 
 if __name__ == "__main__":

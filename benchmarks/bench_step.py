@@ -4,7 +4,7 @@ turn-level tree saves over independent chains.
     python -m benchmarks.bench_step            (from the repository root; builds the warm start of --seed if not cached)
 
 1. Step time, side by side: `train.py` step 1 (same seed: the same questions) with the current defaults
-   and with the previous ones (the update on 1 thread, gradient checkpointing on, vLLM's eager engine; the
+   and with the previous ones (generation and the update on 1 thread, gradient checkpointing on, vLLM's eager engine; the
    compiled one samples with other kernels, so its trees may differ), interleaved over
    repeats; the time split train.py records and the peak resident memory of each process (the warm start is built
    or read first, in a process of its own, so that no step's peak is the warm start's).
@@ -20,7 +20,6 @@ The two ratio lines of 1 and 2 are printed last.
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import argparse
@@ -35,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ["time/rollout", "time/env", "time/credit", "time/old_log_prob", "time/train", "time/sync"]
-PREVIOUS = ["--update-threads", "1", "--gradient-checkpointing", "on", "--enforce-eager"]
+PREVIOUS = ["--threads", "1", "--gradient-checkpointing", "on", "--enforce-eager"]
 
 
 def run(script: str, out: str, flags: list[str]) -> tuple[float, str]:
@@ -108,6 +107,7 @@ def main() -> None:
 
     path = policy_path or default_model_path()
     settings = train.Args(dtype=train.resolve_dtype("auto"))
+    train.set_threads(settings)
     llm = train.start_engine(path, settings)  # before bm25s is imported (see train.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     env = SearchEnv(tokenizer, BM25Retriever(DEFAULT_TASK_DIR / "corpus.jsonl"), max_turns=settings.max_turns,
@@ -157,25 +157,24 @@ def main() -> None:
           f"{lockstep_seconds:.1f} s, {lockstep_tokens / lockstep_seconds:.0f} tok/s; plain vLLM, the rollout's contexts "
           f"in one batch: {plain_tokens} tokens in {plain_seconds:.1f} s, {plain_speed:.0f} tok/s")
 
-    # ---- 3. the update's FLOP/s beside a plain matmul's, on the update's threads
+    # ---- 3. the update's FLOP/s beside a plain matmul's, on train.py's threads
     model = load_policy(path, torch.device("cpu")).train()
     model.config.use_cache = False
     rows, _ = train.training_rows(trees[: settings.micro_batch], settings)
     tokens = len(pack_trees(trees[: settings.micro_batch]).input_ids)
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)  # the per-token matmuls
-    with train.update_threads(settings):
-        threads = torch.get_num_threads()
-        train.response_log_probs(model, rows, trees, settings, 2).sum().backward()  # warm-up
-        start = time.perf_counter()
-        train.response_log_probs(model, rows, trees, settings, 2).sum().backward()
-        update_seconds = time.perf_counter() - start
-        checkpointing = model.is_gradient_checkpointing  # as train.py's "auto" set it for these tokens
-        a = torch.randn(2048, 2048, dtype=train.TORCH_DTYPES[settings.dtype])  # the update's matmul dtype
+    threads = torch.get_num_threads()
+    train.response_log_probs(model, rows, trees, settings, 2).sum().backward()  # warm-up
+    start = time.perf_counter()
+    train.response_log_probs(model, rows, trees, settings, 2).sum().backward()
+    update_seconds = time.perf_counter() - start
+    checkpointing = model.is_gradient_checkpointing  # as train.py's "auto" set it for these tokens
+    a = torch.randn(2048, 2048, dtype=train.TORCH_DTYPES[settings.dtype])  # the update's matmul dtype
+    a @ a
+    start = time.perf_counter()
+    for _ in range(5):
         a @ a
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        matmul_flops = 5 * 2 * 2048**3 / (time.perf_counter() - start)
+    matmul_flops = 5 * 2 * 2048**3 / (time.perf_counter() - start)
     answer_tokens = sum(sum(r["traj"].response_mask) for r in rows)
     update_flops = (6 * body * tokens + 6 * model.config.vocab_size * model.config.hidden_size * answer_tokens) / update_seconds
     print(f"update, forward+backward of {settings.micro_batch} packed trees ({tokens} tokens, {threads} threads, "

@@ -240,7 +240,7 @@ def train_command(args, name: str, seed: int, threads: int) -> list[str]:
     command = [sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--output-dir", str(run_dir),
                "--total-steps", str(args.total_steps), "--eval-every", str(args.eval_every),
                "--eval-questions", str(args.eval_questions), "--save-every", str(args.eval_every),
-               "--save-trees-every", str(args.eval_every), "--update-threads", str(threads),
+               "--save-trees-every", str(args.eval_every), "--threads", str(threads),
                *KEPT_SPEED_SETTINGS] + SETTINGS[name][1]
     return command + (["--resume"] if (run_dir / "checkpoint" / "state.pt").exists() else [])
 

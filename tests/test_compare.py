@@ -176,7 +176,7 @@ def test_train_command_is_the_default_run_plus_the_setting(tmp_path):
     assert command[1].endswith("train.py") and "--model" not in command and "--sft" not in command  # own warm start
     assert flags == {"--seed": "7", "--output-dir": str(tmp_path / "chains" / "seed7"), "--total-steps": "20",
                      "--eval-every": "10", "--eval-questions": "300", "--save-every": "10", "--save-trees-every": "10",
-                     "--update-threads": "1", "--expansion": "chains"}
+                     "--threads": "1", "--expansion": "chains"}
     assert train_command(args, "chains-no-demo", 7, threads=1)[-4:] == ["--expansion", "chains", "--demo-coef", "0"]
     (tmp_path / "chains" / "seed7" / "checkpoint").mkdir(parents=True)
     (tmp_path / "chains" / "seed7" / "checkpoint" / "state.pt").write_bytes(b"")

@@ -248,18 +248,20 @@ def test_units_of_several_trees_in_any_order(model, tokenizer):
         train.response_log_probs(model, unit[1:], trees, train.Args(packing="tree", dtype="float32"), 2)
 
 
-def test_update_threads_change_no_gradient(model, tokenizer):
+def test_threads_change_no_gradient(model, tokenizer):
     import train
 
     tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"])
     before = torch.get_num_threads()
-    with train.update_threads(train.Args(update_threads=1)):
+    try:
+        train.set_threads(train.Args(threads=1))
         assert torch.get_num_threads() == 1
         lp_one, g_one = loss_and_grads(model, [tree], "tree")
-    with train.update_threads(train.Args(update_threads=2)):
+        train.set_threads(train.Args(threads=2))
         assert torch.get_num_threads() == 2
         lp_two, g_two = loss_and_grads(model, [tree], "tree")
-    assert torch.get_num_threads() == before
+    finally:
+        train.SET_NUM_THREADS(before)
     assert (lp_one - lp_two).abs().max().item() <= 1e-5
     assert ((g_one - g_two).norm() / g_one.norm()).item() <= 1e-5
 

@@ -27,7 +27,7 @@ from atpo_tree import Tree
 from envs import Task
 
 ROOT = Path(__file__).resolve().parent.parent
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONUNBUFFERED": "1"}
+CHILD_ENV = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONUNBUFFERED": "1"}
 
 
 def run_child(code: str, timeout: int = 900) -> str:
@@ -128,8 +128,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         check_args(Args(demo_coef=1.0, demo_batch=3, sft_demos=str(demos)))
     check_args(Args(demo_coef=1.0, demo_batch=1, sft_demos=str(demos)))
     check_args(Args(demo_coef=1.0, demo_source=""))  # one of each source from the default task's file
-    with pytest.raises(SystemExit, match="--update-threads must be >= 0"):
-        check_args(Args(update_threads=-1))
+    with pytest.raises(SystemExit, match="--threads must be >= 0"):
+        check_args(Args(threads=-1))
     with pytest.raises(SystemExit, match="no such file: .*missing.jsonl"):
         check_args(Args(train_data=str(tmp_path / "missing.jsonl")))
     with pytest.raises(SystemExit, match="--num-minibatches 99 is more than the 4 trees of a step"):
@@ -209,6 +209,10 @@ def uninterrupted(tmp_path_factory) -> dict:
     assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-5000:]
     warm_start_dir = Path(re.search(r"cached in (\S+?)\)", alone.stdout).group(1))
     built_at = (warm_start_dir / "report.json").stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "warm_start.py", *TINY, "--output-dir", str(out)], cwd=ROOT, env=TINY_ENV,
+                           capture_output=True, text=True, timeout=900)
+    report = alone.stdout[alone.stdout.index("warm start ("):].strip()
+    assert again.returncode == 0 and again.stdout.strip() == report  # cached: the report alone, no run set up
     proc = tiny_run(out, *THREE_STEPS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "warm_start_dir": warm_start_dir,

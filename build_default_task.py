@@ -6,7 +6,10 @@ Countries, towns, companies and people with invented names, written as short enc
 (Search-R1 corpus format: {"id", "contents"}, the title on the first line). A person's passage names their
 birth town but not its country, and their employer but not where it is based, so two-hop questions need two
 searches. Writes corpus.jsonl, train.jsonl, test.jsonl (FlashRAG-style: question, golden_answers, data_source)
-and demos.jsonl (gold transcripts made with the real BM25 retriever, for the supervised warm start).
+and demos.jsonl (gold transcripts made with the real BM25 retriever, for the supervised warm start), and the same
+three for a three-hop variant on the same corpus and people (train_3hop.jsonl, test_3hop.jsonl, demos_3hop.jsonl:
+single-, two- and three-hop questions in equal shares; a three-hop question, e.g. "What is the capital of the
+country where X was born?", needs three searches).
 
 Then prints the BM25 top-3 recall of the gold passage for single-hop test questions queried verbatim, and the
 closed-book exact match of the default model on the test questions (no search), which should be near 0.
@@ -27,6 +30,7 @@ OCCUPATIONS = ["botanist", "carpenter", "teacher", "engineer", "painter", "surge
 INDUSTRIES = ["Textiles", "Shipping", "Foundry", "Mills", "Brewery", "Instruments", "Ceramics", "Printing",
               "Rail", "Glassworks", "Timber", "Pharmaceuticals"]
 RIVERS = 30
+FILES = ("corpus", "train", "test", "demos", "train_3hop", "test_3hop", "demos_3hop")
 
 SINGLE_HOP = {
     "birth_town": "In which town was {person} born?",
@@ -39,6 +43,10 @@ TWO_HOP = {
     "birth_country": "In which country was {person} born?",
     "employer_town": "In which town are the headquarters of the company that {person} works for?",
     "employer_founded": "In which year was the company that {person} works for founded?",
+}
+THREE_HOP = {  # the three-hop variant (files *_3hop.jsonl): person -> town or company -> town -> country
+    "birth_capital": "What is the capital of the country where {person} was born?",
+    "employer_country": "In which country are the headquarters of the company that {person} works for?",
 }
 
 
@@ -90,29 +98,37 @@ def build_world(seed: int) -> dict:
                        f"{p['name']} was born in the town of {p['town']} and grew up there."))
         corpus.append((f"career-{p['name']}", f"{p['name']} (career)\nSince {p['since']}, {p['name']} has worked "
                        f"as {article(p['job'])} for the company {p['company']}."))
-    return {"towns": towns, "companies": companies, "people": people,
+    return {"towns": towns, "companies": companies, "people": people, "capitals": capitals,
             "corpus": [{"id": i, "contents": c} for i, c in corpus], "rng": rng}
 
 
-def make_questions(world: dict) -> tuple[list[dict], list[dict]]:
-    """Train and test questions; test questions are about people, towns and companies no train question asks about."""
-    rng = world["rng"]
-    town_of = {t["name"]: t for t in world["towns"]}
-    company_of = {c["name"]: c for c in world["companies"]}
+def person_question(world: dict, kind: str, p: dict) -> dict:
+    """A question about person `p`, with the searches that answer it (query, gold passage id) in order."""
+    town = next(t for t in world["towns"] if t["name"] == p["town"])
+    company = next(c for c in world["companies"] if c["name"] == p["company"])
+    company_town = next(t for t in world["towns"] if t["name"] == company["town"])
+    person, career = (p["name"], f"person-{p['name']}"), (p["name"], f"career-{p['name']}")
+    answer, hops = {
+        "birth_town": (p["town"], [person]),
+        "employer": (p["company"], [career]),
+        "birth_year": (str(p["born"]), [person]),
+        "birth_country": (town["country"], [person, (p["town"], f"town-{p['town']}")]),
+        "employer_town": (company["town"], [career, (company["name"], f"company-{company['name']}")]),
+        "employer_founded": (str(company["founded"]), [career, (company["name"], f"company-{company['name']}")]),
+        "birth_capital": (world["capitals"][town["country"]], [person, (p["town"], f"town-{p['town']}"),
+                                                               (town["country"], f"country-{town['country']}")]),
+        "employer_country": (company_town["country"], [career, (company["name"], f"company-{company['name']}"),
+                                                       (company["town"], f"town-{company['town']}")]),
+    }[kind]
+    template = {**SINGLE_HOP, **TWO_HOP, **THREE_HOP}[kind]
+    return {"question": template.format(person=p["name"]), "golden_answers": [answer],
+            "data_source": f"default-{len(hops)}hop", "kind": kind, "hops": [list(h) for h in hops]}
 
-    def person_question(kind: str, p: dict) -> dict:
-        company = company_of[p["company"]]
-        answer, hops = {
-            "birth_town": (p["town"], [(p["name"], f"person-{p['name']}")]),
-            "employer": (p["company"], [(p["name"], f"career-{p['name']}")]),
-            "birth_year": (str(p["born"]), [(p["name"], f"person-{p['name']}")]),
-            "birth_country": (town_of[p["town"]]["country"], [(p["name"], f"person-{p['name']}"), (p["town"], f"town-{p['town']}")]),
-            "employer_town": (company["town"], [(p["name"], f"career-{p['name']}"), (company["name"], f"company-{company['name']}")]),
-            "employer_founded": (str(company["founded"]), [(p["name"], f"career-{p['name']}"), (company["name"], f"company-{company['name']}")]),
-        }[kind]
-        template = {**SINGLE_HOP, **TWO_HOP}[kind]
-        return {"question": template.format(person=p["name"]), "golden_answers": [answer],
-                "data_source": f"default-{len(hops)}hop", "kind": kind, "hops": [list(h) for h in hops]}
+
+def make_questions(world: dict) -> tuple[list[dict], list[dict]]:
+    """Train and test questions; test questions are about people, towns and companies no train question asks about
+    (the split is kept in world["splits"] for the three-hop variant)."""
+    rng = world["rng"]
 
     def place_question(kind: str, entity: dict) -> dict:
         if kind == "town_country":
@@ -127,11 +143,27 @@ def make_questions(world: dict) -> tuple[list[dict], list[dict]]:
     splits = {"train": (people[:720], towns[:96], companies[:96]), "test": (people[720:], towns[96:], companies[96:])}
     out = {}
     for split, (ps, ts, cs) in splits.items():
-        single = [person_question(k, p) for p in ps for k in ("birth_town", "employer", "birth_year")]
+        single = [person_question(world, k, p) for p in ps for k in ("birth_town", "employer", "birth_year")]
         single += [place_question("town_country", t) for t in ts] + [place_question("company_town", c) for c in cs]
-        double = [person_question(k, p) for p in ps for k in TWO_HOP]
+        double = [person_question(world, k, p) for p in ps for k in TWO_HOP]
         n_single, n_double = (1200, 400) if split == "train" else (150, 150)
         questions = rng.sample(single, n_single) + rng.sample(double, n_double)
+        rng.shuffle(questions)
+        out[split] = questions
+    world["splits"] = splits
+    return out["train"], out["test"]
+
+
+def make_three_hop_questions(world: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """The three-hop variant: a third of the questions each single-, two- and three-hop, about the same people as the
+    default task's train and test splits (own random draw, so the default files stay as they were)."""
+    rng = random.Random(seed + 1)
+    out = {}
+    for split, (ps, _, _) in world["splits"].items():
+        per_hops = [[person_question(world, k, p) for p in ps for k in kinds]
+                    for kinds in (("birth_town", "employer", "birth_year"), TWO_HOP, THREE_HOP)]
+        count = 400 if split == "train" else 100
+        questions = [q for qs in per_hops for q in rng.sample(qs, count)]
         rng.shuffle(questions)
         out[split] = questions
     return out["train"], out["test"]
@@ -167,14 +199,16 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def build(out_dir: Path, seed: int = 0) -> None:
     world = build_world(seed)
     train, test = make_questions(world)
+    train_3hop, test_3hop = make_three_hop_questions(world, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "corpus.jsonl", world["corpus"])
-    write_jsonl(out_dir / "train.jsonl", train)
-    write_jsonl(out_dir / "test.jsonl", test)
     with tempfile.TemporaryDirectory() as index_dir:
         retriever = BM25Retriever(out_dir / "corpus.jsonl", cache_dir=index_dir)
-        demos = [d for d in (make_demo(q, retriever, topk=3) for q in train) if d is not None]
-    write_jsonl(out_dir / "demos.jsonl", demos)
+        for suffix, train_questions, test_questions in (("", train, test), ("_3hop", train_3hop, test_3hop)):
+            write_jsonl(out_dir / f"train{suffix}.jsonl", train_questions)
+            write_jsonl(out_dir / f"test{suffix}.jsonl", test_questions)
+            demos = [d for d in (make_demo(q, retriever, topk=3) for q in train_questions) if d is not None]
+            write_jsonl(out_dir / f"demos{suffix}.jsonl", demos)
 
 
 def measure_recall(out_dir: Path) -> float:
@@ -221,7 +255,7 @@ def main() -> None:
     parser.add_argument("--no-closed-book", action="store_true", help="skip the closed-book measurement (loads the model)")
     args = parser.parse_args()
     build(args.out, args.seed)
-    counts = {name: sum(1 for _ in open(args.out / f"{name}.jsonl")) for name in ("corpus", "train", "test", "demos")}
+    counts = {name: sum(1 for _ in open(args.out / f"{name}.jsonl")) for name in FILES}
     print(f"wrote {args.out}: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
     print(f"BM25 top-3 recall of the gold passage, single-hop test questions verbatim: {measure_recall(args.out):.3f}")
     if not args.no_closed_book:

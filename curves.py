@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 PANELS = [  # (title, metric name prefixes): every metric starting with a prefix is one line of the panel
-    ("held-out EM (greedy)", ["eval/em", "eval/two_hop_second_search"]),
+    ("held-out EM (greedy)", ["eval/em", "eval/two_hop_second_search", "eval/three_hop_third_search"]),
     ("training reward", ["charts/reward"]),
     ("episodes with two or more searches", ["charts/second_search/"]),
     ("trees whose leaves all got one reward", ["charts/uniform_trees"]),

@@ -123,7 +123,7 @@ class Args:
     sft_lr: float = 5e-5
     """warm-start learning rate"""
     sft_two_hop_frac: float = 0.35
-    """share of two-hop demonstrations (the rest single-hop)"""
+    """share of multi-hop demonstrations, two- or three-hop (the rest single-hop)"""
     sft_eval_questions: int = 40
     """test questions per data source for the before/after report (sampled at the RL temperature)"""
 
@@ -916,13 +916,17 @@ def has_amx() -> bool:
 
 
 def matmul_gflops(dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """This machine's matmul speed in `dtype` on the current threads (1 before vLLM starts), timed for `seconds`."""
+    """This machine's matmul speed in `dtype` on one thread (as the references were timed), timed for `seconds`."""
+    threads = torch.get_num_threads()
+    SET_NUM_THREADS(1)
     a = torch.randn(256, 256, dtype=dtype)
     flops, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ a
         flops += 2 * 256**3
-    return flops / (time.perf_counter() - start) / 1e9
+    elapsed = time.perf_counter() - start
+    SET_NUM_THREADS(threads)
+    return flops / elapsed / 1e9
 
 
 def estimated_minutes(args: Args, warm_start_questions: int, eval_questions: int, warm_start_cached: bool) -> float:
@@ -966,6 +970,25 @@ def console_value(name: str, value: float) -> str:
     return f"{value:.4f}" if name.startswith("losses/") else f"{value:.3f}"
 
 
+def episode_record(task: Task, turns: list) -> dict[str, float]:
+    """One evaluation episode (its turns, root to leaf): EM, EM of its data source, the share of well-formed turns,
+    searches, turns, and for a default-task question of two or three hops whether it searched that often."""
+    searches = sum(n.info["action"] == "search" for n in turns)
+    em = turns[-1].info["em"]
+    record = {
+        "em": em,
+        **({f"em/{task.source}": em} if task.source else {}),  # a task without a source counts in "em" only
+        "well_formed": sum(n.info["action"] != "invalid" for n in turns) / len(turns),
+        "searches": searches,
+        "turns": len(turns),
+    }
+    if task.source == "default-2hop":
+        record["two_hop_second_search"] = float(searches >= 2)
+    if task.source == "default-3hop":
+        record["three_hop_third_search"] = float(searches >= 3)
+    return record
+
+
 def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temperature: float, seed: int,
              desc: str = "evaluation") -> dict[str, float]:
     """One episode per question (greedy when temperature is 0); EM overall and per data source, and how the model acts."""
@@ -980,19 +1003,7 @@ def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args: Args, temp
         trees = grow_trees(prompts, tasks, sampler, step, m=1, l=0, mode="chains")
     metrics: dict[str, list[float]] = {}
     for task, tree in zip(tasks, trees):
-        turns = [tree.nodes[n] for n in tree.path(tree.leaves()[0])]
-        searches = sum(n.info["action"] == "search" for n in turns)
-        em = tree.nodes[tree.leaves()[0]].info["em"]
-        record = {
-            "em": em,
-            **({f"em/{task.source}": em} if task.source else {}),  # a task without a source counts in "em" only
-            "well_formed": sum(n.info["action"] != "invalid" for n in turns) / len(turns),
-            "searches": searches,
-            "turns": len(turns),
-        }
-        if task.source == "default-2hop":
-            record["two_hop_second_search"] = float(searches >= 2)
-        for key, value in record.items():
+        for key, value in episode_record(task, [tree.nodes[n] for n in tree.path(tree.leaves()[0])]).items():
             metrics.setdefault(key, []).append(value)
     return {key: sum(v) / len(v) for key, v in sorted(metrics.items())}
 

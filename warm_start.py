@@ -25,7 +25,7 @@ from atpo_packing import fit_checkpointing, pad, token_log_probs
 from default_model import cache_dir, default_model_path
 from envs import build_prompt
 
-TWO_HOP = "default-2hop"  # the data source of the default task's two-hop questions
+ONE_HOP = "default-1hop"  # the data source of the default task's single-hop questions
 
 
 def load_demos(path: str | Path, source: str = "") -> list[dict]:
@@ -58,16 +58,17 @@ def demo_nll(model, rows: list[dict], tokens: int, args, device: torch.device, p
 
 
 def supervised_steps(model, tokenizer, demos: list[dict], args, device: torch.device, pad_id: int, progress_bar) -> list[float]:
-    """--sft-steps AdamW steps of --sft-batch transcripts (a --sft-two-hop-frac share two-hop); returns the losses."""
+    """--sft-steps AdamW steps of --sft-batch transcripts (a --sft-two-hop-frac share of two- or three-hop ones);
+    returns the losses."""
     model.train()
     rng = random.Random(args.seed)
-    two_hop = [d for d in demos if d["data_source"] == TWO_HOP]
-    one_hop = [d for d in demos if d["data_source"] != TWO_HOP] or two_hop
+    multi_hop = [d for d in demos if d["data_source"] != ONE_HOP]
+    one_hop = [d for d in demos if d["data_source"] == ONE_HOP] or multi_hop
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.sft_lr)
     losses = []
     bar = progress_bar(iterable=range(args.sft_steps), desc="warm start", unit="step")
     for _ in bar:
-        batch = [rng.choice(two_hop if two_hop and rng.random() < args.sft_two_hop_frac else one_hop) for _ in range(args.sft_batch)]
+        batch = [rng.choice(multi_hop if multi_hop and rng.random() < args.sft_two_hop_frac else one_hop) for _ in range(args.sft_batch)]
         rows = [demo_row(tokenizer, d) for d in batch]
         tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
         optimizer.zero_grad()

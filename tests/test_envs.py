@@ -158,9 +158,30 @@ def test_default_task_files():
 
 
 def test_default_task_rebuilds_byte_for_byte(tmp_path):
+    from build_default_task import FILES
+
     subprocess.run([sys.executable, "build_default_task.py", "--no-closed-book", "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True)
-    for name in ("corpus", "train", "test", "demos"):
+    assert "train_3hop" in FILES
+    for name in FILES:
         assert (tmp_path / f"{name}.jsonl").read_bytes() == (DEFAULT_TASK_DIR / f"{name}.jsonl").read_bytes(), name
+
+
+def test_three_hop_variant_files():
+    """Equal shares of one, two and three hops about the same people as the default split; every three-hop
+    question's gold passages chain: each names the next hop's query, the last the answer."""
+    corpus = {json.loads(line)["id"]: json.loads(line)["contents"] for line in (DEFAULT_TASK_DIR / "corpus.jsonl").read_text().splitlines()}
+    rows = {split: [json.loads(line) for line in (DEFAULT_TASK_DIR / f"{split}_3hop.jsonl").read_text().splitlines()]
+            for split in ("train", "test")}
+    for split, count in (("train", 400), ("test", 100)):
+        sources = [r["data_source"] for r in rows[split]]
+        assert {s: sources.count(s) for s in set(sources)} == {"default-1hop": count, "default-2hop": count, "default-3hop": count}
+    people = {split: {r["hops"][0][0] for r in rows[split]} for split in rows}
+    default_test = {r["hops"][0][0] for r in map(json.loads, (DEFAULT_TASK_DIR / "test.jsonl").read_text().splitlines())}
+    assert not people["train"] & people["test"] and not people["train"] & default_test  # no test person trained on
+    for r in (r for split in rows.values() for r in split if r["data_source"] == "default-3hop"):
+        texts = [corpus[gold] for _, gold in r["hops"]]
+        targets = [query for query, _ in r["hops"][1:]] + r["golden_answers"]
+        assert len(texts) == 3 and all(t in text for t, text in zip(targets, texts)), r["question"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -430,6 +430,21 @@ def test_gold_transcripts_are_split_evenly_over_the_sources():
     assert train.draw_demos([one_hop], 2, random.Random(5)) == random.Random(5).sample(one_hop, 2)
 
 
+def test_episode_record_by_hand():
+    import train
+
+    def record(source: str, actions: list[str], em: float) -> dict:
+        tree = episode_tree(Task("q", ["a"], source), [(actions, em)])
+        return train.episode_record(tree.task, [tree.nodes[n] for n in tree.path(tree.leaves()[0])])
+
+    assert record("default-3hop", ["search", "search", "answer"], 1.0) == {
+        "em": 1.0, "em/default-3hop": 1.0, "well_formed": 1.0, "searches": 2, "turns": 3, "three_hop_third_search": 0.0}
+    assert record("default-3hop", ["search", "search", "search", "answer"], 0.0)["three_hop_third_search"] == 1.0
+    assert record("default-2hop", ["search", "invalid", "answer"], 0.0) == {
+        "em": 0.0, "em/default-2hop": 0.0, "well_formed": 2 / 3, "searches": 1, "turns": 3, "two_hop_second_search": 0.0}
+    assert record("", ["answer"], 1.0) == {"em": 1.0, "well_formed": 1.0, "searches": 0, "turns": 1}
+
+
 def test_rollout_stats_by_hand():
     import train
 

@@ -48,8 +48,14 @@ SETTINGS = {
     "loss-sequence": ("2 updates/batch, sequence loss (GSPO)", ["--expansion", "entropy", "--loss-level", "sequence", "--num-minibatches", "2"]),
     "loss-token": ("2 updates/batch, token loss (PPO)", ["--expansion", "entropy", "--loss-level", "token", "--num-minibatches", "2"]),
 }
+# the three-hop variant of the default task (README): longer episodes, where a tree's branches can share more turns
+THREE_HOP_TASK = ["--train-data", "data/default/train_3hop.jsonl", "--test-data", "data/default/test_3hop.jsonl",
+                  "--sft-demos", "data/default/demos_3hop.jsonl", "--demo-batch", "3"]
+SETTINGS.update({f"{name}-3hop": (f"{SETTINGS[name][0].split(':')[0]}, three-hop task", SETTINGS[name][1] + THREE_HOP_TASK)
+                 for name in ("entropy", "random", "chains")})
 GROUPS = {"sampling": ["entropy", "random", "chains"], "no-demo": ["entropy-no-demo", "random-no-demo", "chains-no-demo"],
-          "loss": ["loss-turn", "loss-sequence", "loss-token"]}  # the first of a group is its baseline in the pairing
+          "loss": ["loss-turn", "loss-sequence", "loss-token"],
+          "three-hop": ["entropy-3hop", "random-3hop", "chains-3hop"]}  # the first of a group is its baseline in the pairing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,12 +145,24 @@ def summarize(curves: list[dict]) -> dict:
     }
 
 
-def results_table(summaries: dict[str, dict]) -> str:
+HOPS = {"default-1hop": "single-hop", "default-2hop": "two-hop", "default-3hop": "three-hop"}  # data source -> column
+SEARCHED = {"eval/two_hop_second_search": "2nd search (two-hop)", "eval/three_hop_third_search": "3rd search (three-hop)"}
+
+
+def columns(hops: int) -> tuple[list[str], list[str]]:
+    """The data sources and the searched-often-enough metrics a table of `hops`-hop questions shows (2: the default
+    task, 3: its three-hop variant)."""
+    return list(HOPS)[:hops], list(SEARCHED)[: hops - 1]
+
+
+def results_table(summaries: dict[str, dict], hops: int = 2) -> str:
     """The markdown table of the report, one row per setting."""
+    sources, searched = columns(hops)
     lines = [
-        "| setting | runs | EM at step 0 | final EM | single-hop | two-hop | 2nd search (two-hop) | train reward | "
-        "uniform trees (dropped) | tokens / leaf, single-hop | tokens / leaf, two-hop | tokens / leaf, all trees | s / step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | runs | EM at step 0 | final EM | " + " | ".join(HOPS[k] for k in sources) + " | "
+        + " | ".join(SEARCHED[m] for m in searched) + " | train reward | uniform trees (dropped) | "
+        + " | ".join(f"tokens / leaf, {HOPS[k]}" for k in sources) + " | tokens / leaf, all trees | s / step |",
+        "|---" * (9 + 2 * len(sources) + len(searched) - 1) + "|",
     ]
 
     def pm(pair: tuple[float, float], digits: int = 3) -> str:
@@ -152,13 +170,14 @@ def results_table(summaries: dict[str, dict]) -> str:
 
     for name, s in summaries.items():
         f = {k: v[-1] for k, v in s["evals"].items()}
-        by_source = [s["tokens_per_leaf_by_source"].get(k) for k in ("default-1hop", "default-2hop")]
+        by_source = [s["tokens_per_leaf_by_source"].get(k) for k in sources]
         tokens = [f"{pm(t[:2], 1)}" + (f" ({t[2]} of {s['seeds']} runs)" if t[2] < s["seeds"] else "") if t else "not logged" for t in by_source]
         lines.append(
             f"| {SETTINGS[name][0] if name in SETTINGS else name} | {s['seeds']} | {pm(s['evals']['eval/em'][0])} | "
-            f"{pm(f['eval/em'])} (step {s['steps'][-1]}) | {pm(f.get('eval/em/default-1hop', (math.nan, 0)))} | "
-            f"{pm(f.get('eval/em/default-2hop', (math.nan, 0)))} | {pm(f.get('eval/two_hop_second_search', (math.nan, 0)))} | "
-            f"{pm(s['reward'])} | {pm(s['uniform_trees'], 2)} | {tokens[0]} | {tokens[1]} | {pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
+            f"{pm(f['eval/em'])} (step {s['steps'][-1]}) | "
+            + " | ".join(pm(f.get(m, (math.nan, 0))) for m in [f"eval/em/{k}" for k in sources] + searched) + " | "
+            f"{pm(s['reward'])} | {pm(s['uniform_trees'], 2)} | " + " | ".join(tokens) + " | "
+            f"{pm(s['tokens_per_leaf'], 1)} | {pm(s['seconds_per_step'], 1)} |"
         )
     return "\n".join(lines)
 
@@ -173,7 +192,7 @@ def paired_differences(curves: dict[str, dict[str, dict]], baseline: str = "entr
         if name == baseline or not keys:
             continue
         out[name] = {"keys": keys}
-        for metric in ("eval/em", "eval/em/default-1hop", "eval/em/default-2hop", "eval/two_hop_second_search"):
+        for metric in ["eval/em"] + [f"eval/em/{k}" for k in HOPS] + list(SEARCHED):
             diffs = [runs[k]["evals"][metric][-1] - curves[baseline][k]["evals"][metric][-1] for k in keys
                      if metric in runs[k]["evals"] and metric in curves[baseline][k]["evals"]]
             if diffs:
@@ -181,30 +200,32 @@ def paired_differences(curves: dict[str, dict[str, dict]], baseline: str = "entr
     return out
 
 
-def paired_table(differences: dict[str, dict], baseline: str = "entropy") -> str:
+def paired_table(differences: dict[str, dict], baseline: str = "entropy", hops: int = 2) -> str:
     """The markdown table of `paired_differences`."""
-    lines = [f"| final evaluation minus {SETTINGS[baseline][0]}, same seed | runs (seed_numerics) | EM | single-hop | "
-             "two-hop | 2nd search (two-hop) |", "|---|---|---|---|---|---|"]
+    sources, searched = columns(hops)
+    lines = [f"| final evaluation minus {SETTINGS[baseline][0]}, same seed | runs (seed_numerics) | EM | "
+             + " | ".join([HOPS[k] for k in sources] + [SEARCHED[m] for m in searched]) + " |",
+             "|---" * (3 + len(sources) + len(searched)) + "|"]
     for name, d in differences.items():
         cells = []
-        for metric in ("eval/em", "eval/em/default-1hop", "eval/em/default-2hop", "eval/two_hop_second_search"):
+        for metric in ["eval/em"] + [f"eval/em/{k}" for k in sources] + searched:
             mean, std, above = d.get(metric, (math.nan, math.nan, 0))
             cells.append(f"{mean:+.3f} ± {std:.3f} ({above} of {len(d['keys'])} above 0)")
         lines.append(f"| {SETTINGS[name][0]} | {', '.join(d['keys'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def per_run_table(curves: dict[str, dict[str, dict]], group: list[str]) -> str:
-    """Every run's final evaluation, EM / single-hop / two-hop: a row per run key (seed and numerics, with the EM of
-    its warm start at step 0), a column per setting of `group` that has runs."""
+def per_run_table(curves: dict[str, dict[str, dict]], group: list[str], hops: int = 2) -> str:
+    """Every run's final evaluation, EM / single-hop / two-hop (/ three-hop): a row per run key (seed and numerics,
+    with the EM of its warm start at step 0), a column per setting of `group` that has runs."""
     names = [n for n in group if n in curves]
+    metrics = ["eval/em"] + [f"eval/em/{k}" for k in columns(hops)[0]]
     keys = sorted(set().union(*(curves[n] for n in names)), key=lambda k: (int(k.split("_")[0].removeprefix("seed")), k))
-    lines = ["| run (EM at step 0): final EM / single-hop / two-hop | " + " | ".join(SETTINGS[n][0] for n in names) + " |",
-             "|---" * (len(names) + 1) + "|"]
+    lines = [f"| run (EM at step 0): final EM / {' / '.join(HOPS[k] for k in columns(hops)[0])} | "
+             + " | ".join(SETTINGS[n][0] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for key in keys:
         step0 = next(curves[n][key]["evals"]["eval/em"][0] for n in names if key in curves[n])
-        cells = ["{:.3f} / {:.3f} / {:.3f}".format(*(curves[n][key]["evals"][m][-1] for m in (
-            "eval/em", "eval/em/default-1hop", "eval/em/default-2hop"))) if key in curves[n] else "—" for n in names]
+        cells = [" / ".join(f"{curves[n][key]['evals'][m][-1]:.3f}" for m in metrics) if key in curves[n] else "—" for n in names]
         lines.append(f"| {key} ({step0:.3f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -261,19 +282,25 @@ def machine_numerics() -> str:
     return f"{dtype}-{'amx' if amx else torch.backends.cpu.get_cpu_capability().lower()}"
 
 
-def ensure_warm_start(args, seed: int, dtype: str) -> None:
-    """The default warm start of `seed` (train.py caches it), made by warm_start.py when missing, before any run:
-    the seed's runs, two at a time, must not both build it."""
+def task_flags(name: str) -> list[str]:
+    """The setting's flags that choose the task (and so the warm start): none for the default task."""
+    return THREE_HOP_TASK if name.endswith("-3hop") else []
+
+
+def ensure_warm_start(args, seed: int, dtype: str, task: list[str]) -> None:
+    """The warm start of `seed` on the task `task` chooses (train.py caches it), made by warm_start.py when missing,
+    before any run: the seed's runs, two at a time, must not both build it."""
     from train import Args
     from warm_start import warm_start_dir
 
-    path = warm_start_dir(Args(seed=seed, dtype=dtype))  # train.py resolves --dtype before the cache key
+    demos = dict(zip(task[::2], task[1::2])).get("--sft-demos", Args.sft_demos)
+    path = warm_start_dir(Args(seed=seed, dtype=dtype, sft_demos=demos))  # train.py resolves --dtype before the key
     if not (path / "report.json").exists():
-        log = Path(args.out_dir) / f"warm_start_seed{seed}.log"
+        log = Path(args.out_dir) / f"warm_start_seed{seed}{'_3hop' if task else ''}.log"
         print(f"making the warm start of seed {seed} ({path}), log in {log}", flush=True)
         with log.open("w") as f:
-            subprocess.run([sys.executable, str(ROOT / "warm_start.py"), "--seed", str(seed)], stdout=f,
-                           stderr=subprocess.STDOUT, check=True)
+            subprocess.run([sys.executable, str(ROOT / "warm_start.py"), "--seed", str(seed), *task], stdout=f,
+                           stderr=subprocess.STDOUT, check=True, cwd=ROOT)
 
 
 def keep_finished_run(run_dir: Path, kept: Path) -> None:
@@ -292,8 +319,8 @@ def run_all(args, names: list[str]) -> list[str]:
     dtype = numerics.split("-")[0]
     threads = max(1, len(os.sched_getaffinity(0)) // args.parallel)
     pending = [(n, s) for s in args.seeds for n in names if not kept_path(args, n, s, numerics).exists()]
-    for seed in dict.fromkeys(s for _, s in pending):  # alone first: beside a run, one took 18 min instead of 3
-        ensure_warm_start(args, seed, dtype)
+    for seed, task in dict.fromkeys((s, tuple(task_flags(n))) for n, s in pending):  # alone first: beside a run,
+        ensure_warm_start(args, seed, dtype, list(task))  # one took 18 min instead of 3
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     failed = []
     while pending or running:
@@ -373,15 +400,20 @@ def report(args) -> str:
               f"on {args.eval_questions} held-out questions every {args.eval_every} steps; mean ± sample std over runs")
     for group, file, title in [("sampling", "em_vs_step.png", "how the leaves are sampled"), ("sampling", "em_vs_tokens.png", "how the leaves are sampled"),
                                ("no-demo", "em_vs_step_no_demo.png", "without the transcripts' term"),
-                               ("loss", "loss_level.png", "loss level (entropy trees, 2 updates per batch)")]:
+                               ("loss", "loss_level.png", "loss level (entropy trees, 2 updates per batch)"),
+                               ("three-hop", "em_vs_step_3hop.png", "three-hop task")]:
         chosen = {n: summaries[n] for n in GROUPS[group] if n in summaries}
         if chosen:
             plot(chosen, {n: list(c.values()) for n, c in curves.items()}, "tokens" if "tokens" in file else "step", results / file, title)
-    tables = results_table(summaries)
-    for group in GROUPS.values():
+    three_hop = {n: s for n, s in summaries.items() if n in GROUPS["three-hop"]}
+    tables = results_table({n: s for n, s in summaries.items() if n not in three_hop})
+    if three_hop:
+        tables += "\n\n" + results_table(three_hop, hops=3)
+    for name, group in GROUPS.items():
+        hops = 3 if name == "three-hop" else 2
         differences = paired_differences({n: curves[n] for n in group if n in curves}, baseline=group[0])
         if differences:
-            tables += "\n\n" + per_run_table(curves, group) + "\n\n" + paired_table(differences, baseline=group[0])
+            tables += "\n\n" + per_run_table(curves, group, hops) + "\n\n" + paired_table(differences, group[0], hops)
     (results / "compare.md").write_text(f"{budget}.\n\n{tables}\n")
     if args.readme:
         readme = Path(args.readme)

@@ -3,12 +3,16 @@
 import json
 import math
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
-from benchmarks.compare import (is_done, keep_finished_run, machine_numerics, paired_differences, paired_table, per_run_table, read_metrics,
-                                report, results_table, run_curve, summarize, train_command)
+from benchmarks.compare import (THREE_HOP_TASK, is_done, keep_finished_run, machine_numerics, paired_differences, paired_table,
+                                per_run_table, read_metrics, report, results_table, run_curve, summarize, task_flags,
+                                train_command)
 from train import resolve_dtype
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def step_row(step: int, tokens: int, reward: float, seconds: tuple[float, float]) -> dict:
@@ -155,6 +159,28 @@ def test_per_run_table_by_hand():
         "| seed10_x (0.125) | 0.700 / 0.800 / 0.600 | 0.200 / 0.300 / 0.100 |"]
 
 
+def test_three_hop_tables_by_hand():
+    def three_hop_rows(final: float) -> list[dict]:  # three-hop EM final - 0.2, third search 0.5 at the end
+        rows = seed_rows([0.1, 0.3, final], [100] * 4)
+        for r in rows:
+            if "eval/em" in r:
+                r.update({"eval/em/default-3hop": r["eval/em"] - 0.2, "eval/three_hop_third_search": 0.5 * (r["step"] == 4)})
+        return rows
+
+    curves = {"entropy-3hop": {"seed1_x": run_curve(three_hop_rows(0.5))}, "chains-3hop": {"seed1_x": run_curve(three_hop_rows(0.75))}}
+    assert per_run_table(curves, ["entropy-3hop", "random-3hop", "chains-3hop"], hops=3).split("\n")[::2] == [
+        "| run (EM at step 0): final EM / single-hop / two-hop / three-hop | AT²PO, three-hop task | GRPO, three-hop task |",
+        "| seed1_x (0.100) | 0.500 / 0.600 / 0.400 / 0.300 | 0.750 / 0.850 / 0.650 / 0.550 |"]
+    d = paired_differences(curves, baseline="entropy-3hop")
+    assert d["chains-3hop"]["eval/em/default-3hop"][:2] == pytest.approx((0.25, 0.0))
+    assert d["chains-3hop"]["eval/three_hop_third_search"][:2] == pytest.approx((0.0, 0.0))
+    assert paired_table(d, "entropy-3hop", hops=3).split("\n")[0].endswith("| EM | single-hop | two-hop | three-hop | "
+                                                                           "2nd search (two-hop) | 3rd search (three-hop) |")
+    header, rule, row = results_table({"chains-3hop": summarize(list(curves["chains-3hop"].values()))}, hops=3).split("\n")
+    assert header.count("|") == rule.count("|") == row.count("|") == 17  # 16 columns
+    assert "| 0.750 ± 0.000 (step 4) | 0.850 ± 0.000 | 0.650 ± 0.000 | 0.550 ± 0.000 | nan ± 0.000 | 0.500 ± 0.000 |" in row
+
+
 def test_runs_of_one_seed_on_other_numerics_are_not_paired():
     curves = {"entropy": {"seed1_bfloat16-avx512": run_curve(seed_rows([0.1, 0.3, 0.5], [100] * 4))},
               "chains": {"seed1_bfloat16-amx": run_curve(seed_rows([0.1, 0.3, 0.2], [100] * 4))}}
@@ -181,6 +207,22 @@ def test_train_command_is_the_default_run_plus_the_setting(tmp_path):
     (tmp_path / "chains" / "seed7" / "checkpoint").mkdir(parents=True)
     (tmp_path / "chains" / "seed7" / "checkpoint" / "state.pt").write_bytes(b"")
     assert train_command(args, "chains", 7, threads=1)[-1] == "--resume"
+
+
+def test_three_hop_settings_add_the_task_and_warm_start_on_its_transcripts(tmp_path):
+    from train import Args
+    from warm_start import warm_start_dir
+
+    args = Namespace(out_dir=str(tmp_path), total_steps=20, eval_every=10, eval_questions=300)
+    rest = [c for c in train_command(args, "chains-3hop", 7, threads=1) if c != "--enforce-eager"]
+    flags = dict(zip(rest[2::2], rest[3::2]))
+    assert flags["--expansion"] == "chains" and flags["--demo-batch"] == "3"
+    assert [flags[f] for f in ("--train-data", "--test-data", "--sft-demos")] == [
+        "data/default/train_3hop.jsonl", "data/default/test_3hop.jsonl", "data/default/demos_3hop.jsonl"]
+    assert all((ROOT / flags[f]).exists() for f in ("--train-data", "--test-data", "--sft-demos"))
+    assert task_flags("chains-3hop") == THREE_HOP_TASK and task_flags("chains") == []
+    # the cache key holds the transcripts: the three-hop runs of a seed do not start from its default warm start
+    assert warm_start_dir(Args(seed=7, sft_demos=str(ROOT / flags["--sft-demos"]))) != warm_start_dir(Args(seed=7))
 
 
 def test_report_writes_tables_plots_and_the_readme_block(tmp_path):

@@ -186,8 +186,8 @@ class Args:
     """tree: each tree's unique tokens in one forward with a tree attention mask (shared prefixes computed once);
     path: one padded row per trajectory (the readable reference); same log-probs and gradient"""
     threads: int = 0
-    """CPU threads of generation, the update and the warm start; 0: every core this process may use. Jobs sharing a
-    CPU: split its cores between them (--threads 1 each for two jobs on 2 cores)"""
+    """CPU threads of generation, the update and the warm start; 0: every core this process may use.
+    Jobs sharing a CPU split its cores between them (--threads 1 each for two jobs on 2 cores)"""
     micro_batch: int = 2
     """per forward/backward, gradient accumulated: trajectories (path) or whole trees (tree packing)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"

@@ -284,7 +284,7 @@ def machine_numerics() -> str:
 
 def task_flags(name: str) -> list[str]:
     """The setting's flags that choose the task (and so the warm start): none for the default task."""
-    return THREE_HOP_TASK if name.endswith("-3hop") else []
+    return THREE_HOP_TASK if name in GROUPS["three-hop"] else []
 
 
 def ensure_warm_start(args, seed: int, dtype: str, task: list[str]) -> None:

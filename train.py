@@ -919,14 +919,15 @@ def matmul_gflops(dtype: torch.dtype, seconds: float = 0.3) -> float:
     """This machine's matmul speed in `dtype` on one thread (as the references were timed), timed for `seconds`."""
     threads = torch.get_num_threads()
     SET_NUM_THREADS(1)
-    a = torch.randn(256, 256, dtype=dtype)
-    flops, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ a
-        flops += 2 * 256**3
-    elapsed = time.perf_counter() - start
-    SET_NUM_THREADS(threads)
-    return flops / elapsed / 1e9
+    try:
+        a = torch.randn(256, 256, dtype=dtype)
+        flops, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ a
+            flops += 2 * 256**3
+        return flops / (time.perf_counter() - start) / 1e9
+    finally:
+        SET_NUM_THREADS(threads)
 
 
 def estimated_minutes(args: Args, warm_start_questions: int, eval_questions: int, warm_start_cached: bool) -> float:

@@ -563,6 +563,25 @@ def test_estimated_minutes_by_hand(monkeypatch):
     assert train.estimated_minutes(args, 80, 300, True) == pytest.approx((1200 + 3000) / 60)
 
 
+def test_matmul_probe_runs_on_one_thread_and_gives_the_count_back(monkeypatch):
+    """The probe times one thread (as the references were timed) and restores the caller's thread count, also when
+    the timing fails."""
+    import train
+
+    seen, before = [], torch.get_num_threads()
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: seen.append(torch.get_num_threads()) or torch.ones(256, 256))
+    train.SET_NUM_THREADS(2)  # torch's own (vLLM's worker, if started in this process, makes torch.set_num_threads a no-op)
+    try:
+        assert train.matmul_gflops(torch.float32, seconds=0.01) > 0
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(torch, "randn", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            train.matmul_gflops(torch.float32, seconds=0.01)
+        assert torch.get_num_threads() == 2
+    finally:
+        train.SET_NUM_THREADS(before)
+
+
 def test_console_line_uses_the_metric_names_grouped_by_namespace():
     import train
 

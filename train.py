@@ -945,10 +945,12 @@ def estimated_minutes(args: Args, warm_start_questions: int, eval_questions: int
 
 
 def progress_bar(**kwargs):
-    """A tqdm bar with an ETA; redrawn at most once a minute when the console is a file, so a log stays readable."""
+    """A tqdm bar with an ETA; when the console is a file, redrawn at most once a minute and never moved up a line
+    (no cursor codes for an evaluation bar inside the RL bar), so a log stays readable."""
     from tqdm import tqdm
 
-    return tqdm(mininterval=0.5 if sys.stderr.isatty() else 60, dynamic_ncols=True, **kwargs)
+    terminal = sys.stderr.isatty()
+    return tqdm(mininterval=0.5 if terminal else 60, position=None if terminal else 0, dynamic_ncols=True, **kwargs)
 
 
 def console_line(record: dict) -> str:

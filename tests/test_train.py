@@ -582,6 +582,19 @@ def test_matmul_probe_runs_on_one_thread_and_gives_the_count_back(monkeypatch):
         train.SET_NUM_THREADS(before)
 
 
+def test_progress_bars_in_a_log_file_write_no_cursor_codes(capsys):
+    """An evaluation bar inside the RL bar, written to a file (not a terminal): plain lines, no "move up" escapes."""
+    import train
+
+    outer = train.progress_bar(total=2, desc="RL", unit="step")
+    with train.progress_bar(total=3, desc="evaluation", unit="question", leave=False) as bar:
+        bar.update(3)
+    outer.update()
+    outer.close()
+    log = capsys.readouterr().err
+    assert "RL" in log and "evaluation" in log and "\x1b[" not in log
+
+
 def test_console_line_uses_the_metric_names_grouped_by_namespace():
     import train
 

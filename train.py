@@ -162,12 +162,16 @@ class Args:
     """lower clip range of the ratio"""
     clip_high: float = 4e-3
     """upper clip range of the ratio"""
+    policy_coef: float = 1.0
+    """weight of the ATPO loss; 0: no RL gradient, the trees are still grown and scored but only the other terms
+    train (with --demo-coef: the transcripts' term alone on the same updates, the control for how much of what a
+    run learns is supervised; the ATPO loss is then not computed, losses/policy reads 0)"""
     kl_coef: float = 0.0
     """weight of a k3 KL penalty to the policy RL started from (the warm start); 0: the paper's loss, no KL"""
     demo_coef: float | None = None
     """weight of a cross-entropy on gold transcripts (--sft-demos of --demo-source) added to every update; not in
     the paper: keeps the second search reachable (David-GRPO mixes gold sequences into its groups); 0: off; None:
-    1.0 where the warm start runs (its transcripts), 0 elsewhere (3 of 4 untouched seeds met the learning bar, README)"""
+    1.0 where the warm start runs (its transcripts), 0 elsewhere (8 of 10 untouched seeds met the learning bar, README)"""
     demo_source: str = ""
     """data source of the gold transcripts of --demo-coef ('': every source, drawn in equal numbers per update)"""
     demo_batch: int = 2
@@ -361,7 +365,7 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
            pad_id: int, rng: random.Random, args: Args) -> dict[str, float]:
     """One step's update: `num_minibatches` optimizer steps, each accumulated over micro-batches (`micro_batch`
     trajectories by path, or `micro_batch` whole trees packed into one row) of
-        ATPO loss (spec §3) + kl_coef * KL(pi || start policy) + demo_coef * NLL(gold transcripts).
+        policy_coef * ATPO loss (spec §3) + kl_coef * KL(pi || start policy) + demo_coef * NLL(gold transcripts).
     Returns the losses/ metrics and time/old_log_prob."""
     t0 = time.time()
     model.train()
@@ -386,8 +390,8 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
         live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
         optimizer.zero_grad()
         for unit in units(minibatch):
-            if args.kl_coef == 0 and not any(any(r["advantages"]) for r in unit):
-                continue  # zero advantage on every token: its gradient is exactly zero
+            if args.kl_coef == 0 and (args.policy_coef == 0 or not any(any(r["advantages"]) for r in unit)):
+                continue  # no RL term, or zero advantage on every token: its gradient is exactly zero
             log_probs = response_log_probs(model, unit, trees, args, pad_id)  # [B, T]
             mask = pad([r["traj"].response_mask for r in unit], 0, torch.long).to(DEVICE)
             advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32).to(DEVICE)
@@ -400,7 +404,7 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
                 ref_log_probs = response_log_probs(reference, unit, trees, args, pad_id)
             kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
             weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
-            ((loss + args.kl_coef * kl_to_start) * weight).backward()
+            ((args.policy_coef * loss + args.kl_coef * kl_to_start) * weight).backward()
             losses.append(loss.item() * weight)
             kls_to_start.append(kl_to_start.item() * weight)
             clip_fracs.append(stats["clip_frac"])
@@ -472,7 +476,8 @@ def prepare(args: Args):
           f"{'a warm start on gold transcripts (cached after the first run), then ' if wants_sft(args) else ''}"
           f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of "
           f"{args.m + args.l * args.k} leaves"
-          f"{f', plus {args.demo_batch} gold transcripts (x {args.demo_coef:g}) in every update' if args.demo_coef > 0 else ''}; "
+          f"{f', plus {args.demo_batch} gold transcripts (x {args.demo_coef:g}) in every update' if args.demo_coef > 0 else ''}"
+          f"{'; no RL gradient (--policy-coef 0)' if args.policy_coef == 0 else ''}; "
           f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; "
           f"output in {output_dir} ({estimate})")
     from transformers import AutoTokenizer
@@ -526,9 +531,11 @@ def check_args(args: Args) -> None:
         problems.append(f"--l must be >= 0, got {args.l}")
     if args.threads < 0:
         problems.append(f"--threads must be >= 0, got {args.threads}")
-    for name in ("kl_coef", "demo_coef"):
+    for name in ("policy_coef", "kl_coef", "demo_coef"):
         if not getattr(args, name) >= 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.policy_coef == args.kl_coef == args.demo_coef == 0:
+        problems.append("--policy-coef, --kl-coef and --demo-coef are all 0: no term left to train")
     if not args.temperature > 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if not (0 < args.clip_low < 1 and args.clip_high > 0):

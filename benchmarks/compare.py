@@ -1,6 +1,6 @@
 """Budget-matched comparison on the embedded default task: AT²PO vs Tree-GRPO-style trees vs GRPO chains (with and
-without the gold transcripts' term), and the loss level (turn = ATPO, sequence = GSPO, token = PPO), several seeds
-each.
+without the gold transcripts' term), the transcripts' term without RL (a control), and the loss level (turn = ATPO,
+sequence = GSPO, token = PPO), several seeds each.
 
     .venv/bin/python -m benchmarks.compare                  # runs what is missing (resumes stopped runs), then reports
     .venv/bin/python -m benchmarks.compare --settings entropy-no-demo chains-no-demo --seeds 14 15
@@ -34,8 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (label, train.py flags); "sampling" compares how the 6 leaves are drawn, "no-demo" the same without the
-# gold transcripts' cross-entropy (--demo-coef 0: the default recipe's one term outside the paper's method), "loss"
-# the loss level. The loss levels differ only where the ratio leaves 1, i.e. off-policy: with one optimizer step per
+# gold transcripts' cross-entropy (--demo-coef 0: the default recipe's one term outside the paper's method),
+# "control" the AT²PO run against the same updates without the RL gradient (--policy-coef 0: what the transcripts'
+# term learns alone), "loss" the loss level. The loss levels differ only where the ratio leaves 1, i.e. off-policy: with one optimizer step per
 # batch (train.py's default) all three give the same gradient, so the loss runs take two (--num-minibatches 2).
 SETTINGS = {
     "entropy": ("AT²PO: entropy-guided tree, turn loss", ["--expansion", "entropy"]),
@@ -44,6 +45,7 @@ SETTINGS = {
     "entropy-no-demo": ("AT²PO, no transcripts' term", ["--expansion", "entropy", "--demo-coef", "0"]),
     "random-no-demo": ("Tree-GRPO-style, no transcripts' term", ["--expansion", "random", "--demo-coef", "0"]),
     "chains-no-demo": ("GRPO chains, no transcripts' term", ["--expansion", "chains", "--demo-coef", "0"]),
+    "transcripts-only": ("Transcripts' term alone, no RL gradient", ["--expansion", "entropy", "--policy-coef", "0"]),
     "loss-turn": ("2 updates/batch, turn loss (ATPO)", ["--expansion", "entropy", "--loss-level", "turn", "--num-minibatches", "2"]),
     "loss-sequence": ("2 updates/batch, sequence loss (GSPO)", ["--expansion", "entropy", "--loss-level", "sequence", "--num-minibatches", "2"]),
     "loss-token": ("2 updates/batch, token loss (PPO)", ["--expansion", "entropy", "--loss-level", "token", "--num-minibatches", "2"]),
@@ -54,7 +56,7 @@ THREE_HOP_TASK = ["--train-data", "data/default/train_3hop.jsonl", "--test-data"
 SETTINGS.update({f"{name}-3hop": (f"{SETTINGS[name][0].split(':')[0]}, three-hop task", SETTINGS[name][1] + THREE_HOP_TASK)
                  for name in ("entropy", "random", "chains")})
 GROUPS = {"sampling": ["entropy", "random", "chains"], "no-demo": ["entropy-no-demo", "random-no-demo", "chains-no-demo"],
-          "loss": ["loss-turn", "loss-sequence", "loss-token"],
+          "control": ["entropy", "transcripts-only"], "loss": ["loss-turn", "loss-sequence", "loss-token"],
           "three-hop": ["entropy-3hop", "random-3hop", "chains-3hop"]}  # the first of a group is its baseline in the pairing
 
 

@@ -291,3 +291,47 @@ def test_demo_nll_is_the_token_mean_cross_entropy_of_the_model_turns(model, toke
             total += (ce * torch.tensor(r["loss_mask"][1:])).sum().item()
     assert tokens == sum(len(tokenizer.encode(t, add_special_tokens=False)) for d in demos for role, t in d["segments"] if role == "model")
     assert abs(nll - total / tokens) <= 1e-4
+
+
+def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
+    """--policy-coef 0: the update's gradient is exactly the gold transcripts' cross-entropy (worked out here by a
+    plain forward per transcript); with the default 1 the ATPO loss adds to it."""
+    import torch.nn.functional as F
+
+    import train
+
+    demos = [
+        {"question": "In which town was Mobin Pigubor born?", "segments": [
+            ["model", "<search> Mobin Pigubor </search>"], ["env", OBS], ["model", "<answer> Sirun </answer>"]]},
+        {"question": "Who is Mobin Pigubor?", "segments": [["model", "<answer> a librarian </answer>"]]},
+    ]
+    tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=3)
+
+    class Recorder:  # an optimizer that keeps the gradient it is asked to step with
+        def zero_grad(self):
+            model.zero_grad()
+
+        def step(self):
+            self.grads = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+
+    def update_gradient(policy_coef: float) -> torch.Tensor:
+        args = train.Args(dtype="float32", gradient_checkpointing="off", policy_coef=policy_coef, demo_coef=1.0,
+                          demo_batch=2, max_grad_norm=1e9)
+        rows, _ = train.training_rows([tree], args)
+        assert any(any(r["advantages"]) for r in rows)  # the tree has something for the ATPO loss to push
+        optimizer = Recorder()
+        train.update(model, model, optimizer, rows, [tree], [[demos[0]], [demos[1]]], tokenizer, 2, random.Random(0), args)
+        return optimizer.grads
+
+    model.zero_grad()
+    rows = [warm_start.demo_row(tokenizer, d) for d in demos]
+    total, tokens = 0.0, sum(sum(r["loss_mask"][1:]) for r in rows)
+    for r in rows:
+        ids = torch.tensor(r["ids"])
+        ce = F.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:], reduction="none")
+        total = total + (ce * torch.tensor(r["loss_mask"][1:])).sum()
+    (total / tokens).backward()
+    by_hand = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+    alone, with_rl = update_gradient(0.0), update_gradient(1.0)
+    assert ((alone - by_hand).norm() / by_hand.norm()).item() <= 1e-4
+    assert ((with_rl - by_hand).norm() / by_hand.norm()).item() >= 1e-2

@@ -165,7 +165,8 @@ class Args:
     policy_coef: float = 1.0
     """weight of the ATPO loss; 0: no RL gradient, the trees are still grown and scored but only the other terms
     train (with --demo-coef: the transcripts' term alone on the same updates, the control for how much of what a
-    run learns is supervised; the ATPO loss is then not computed, losses/policy reads 0)"""
+    run learns is supervised; with --kl-coef 0 neither the ATPO loss nor the KL is then computed: losses/policy,
+    losses/kl_to_start, clip_frac and approx_kl read 0)"""
     kl_coef: float = 0.0
     """weight of a k3 KL penalty to the policy RL started from (the warm start); 0: the paper's loss, no KL"""
     demo_coef: float | None = None

@@ -163,10 +163,9 @@ class Args:
     clip_high: float = 4e-3
     """upper clip range of the ratio"""
     policy_coef: float = 1.0
-    """weight of the ATPO loss; 0: no RL gradient, the trees are still grown and scored but only the other terms
-    train (with --demo-coef: the transcripts' term alone on the same updates, the control for how much of what a
-    run learns is supervised; with --kl-coef 0 neither the ATPO loss nor the KL is then computed: losses/policy,
-    losses/kl_to_start, clip_frac and approx_kl read 0)"""
+    """weight of the ATPO loss; 0: no RL gradient (the trees are still grown and scored, only the other terms train).
+    With --demo-coef, 0 is a control: the transcripts' term alone on the same updates (how much is supervised).
+    With --kl-coef 0 as well, neither the ATPO loss nor the KL is computed: losses/policy, kl_to_start, ... read 0."""
     kl_coef: float = 0.0
     """weight of a k3 KL penalty to the policy RL started from (the warm start); 0: the paper's loss, no KL"""
     demo_coef: float | None = None

@@ -266,45 +266,45 @@ def test_threads_change_no_gradient(model, tokenizer):
     assert ((g_one - g_two).norm() / g_one.norm()).item() <= 1e-5
 
 
-def test_demo_nll_is_the_token_mean_cross_entropy_of_the_model_turns(model, tokenizer):
+DEMOS = [
+    {"question": "In which town was Mobin Pigubor born?", "segments": [
+        ["model", "<search> Mobin Pigubor </search>"], ["env", OBS], ["model", "<answer> Sirun </answer>"]]},
+    {"question": "Who is Mobin Pigubor?", "segments": [["model", "<answer> a librarian </answer>"]]},
+]
+
+
+def demo_nll_by_hand(model, rows: list[dict]) -> torch.Tensor:
+    """The plain forward's cross-entropy on every model token (labels shifted by one), one transcript at a time,
+    averaged over the model tokens of all `rows`."""
     import torch.nn.functional as F
 
+    total = 0.0
+    for r in rows:
+        ids = torch.tensor(r["ids"])
+        ce = F.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:], reduction="none")
+        total = total + (ce * torch.tensor(r["loss_mask"][1:])).sum()
+    return total / sum(sum(r["loss_mask"][1:]) for r in rows)
+
+
+def test_demo_nll_is_the_token_mean_cross_entropy_of_the_model_turns(model, tokenizer):
     import train
 
-    demos = [
-        {"question": "In which town was Mobin Pigubor born?", "segments": [
-            ["model", "<search> Mobin Pigubor </search>"], ["env", OBS], ["model", "<answer> Sirun </answer>"]]},
-        {"question": "Who is Mobin Pigubor?", "segments": [["model", "<answer> a librarian </answer>"]]},
-    ]
-    rows = [warm_start.demo_row(tokenizer, d) for d in demos]
+    rows = [warm_start.demo_row(tokenizer, d) for d in DEMOS]
     args = train.Args(dtype="float32", gradient_checkpointing="off")
     tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
     # micro-batches of one transcript each add up to the batch's token mean
     nll = sum(warm_start.demo_nll(model, [r], tokens, args, torch.device("cpu"), pad_id=2).item() for r in rows)
-    # by hand: the plain forward's cross-entropy on every model token (labels shifted by one), one transcript at a time
-    total = 0.0
     with torch.no_grad():
-        for r in rows:
-            ids = torch.tensor(r["ids"])
-            logits = model(input_ids=ids[None]).logits[0, :-1]
-            ce = F.cross_entropy(logits.float(), ids[1:], reduction="none")
-            total += (ce * torch.tensor(r["loss_mask"][1:])).sum().item()
-    assert tokens == sum(len(tokenizer.encode(t, add_special_tokens=False)) for d in demos for role, t in d["segments"] if role == "model")
-    assert abs(nll - total / tokens) <= 1e-4
+        by_hand = demo_nll_by_hand(model, rows).item()
+    assert tokens == sum(len(tokenizer.encode(t, add_special_tokens=False)) for d in DEMOS for role, t in d["segments"] if role == "model")
+    assert abs(nll - by_hand) <= 1e-4
 
 
 def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
     """--policy-coef 0: the update's gradient is exactly the gold transcripts' cross-entropy (worked out here by a
     plain forward per transcript); with the default 1 the ATPO loss adds to it."""
-    import torch.nn.functional as F
-
     import train
 
-    demos = [
-        {"question": "In which town was Mobin Pigubor born?", "segments": [
-            ["model", "<search> Mobin Pigubor </search>"], ["env", OBS], ["model", "<answer> Sirun </answer>"]]},
-        {"question": "Who is Mobin Pigubor?", "segments": [["model", "<answer> a librarian </answer>"]]},
-    ]
     tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=3)
 
     class Recorder:  # an optimizer that keeps the gradient it is asked to step with
@@ -320,17 +320,11 @@ def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
         rows, _ = train.training_rows([tree], args)
         assert any(any(r["advantages"]) for r in rows)  # the tree has something for the ATPO loss to push
         optimizer = Recorder()
-        train.update(model, model, optimizer, rows, [tree], [[demos[0]], [demos[1]]], tokenizer, 2, random.Random(0), args)
+        train.update(model, model, optimizer, rows, [tree], [[DEMOS[0]], [DEMOS[1]]], tokenizer, 2, random.Random(0), args)
         return optimizer.grads
 
     model.zero_grad()
-    rows = [warm_start.demo_row(tokenizer, d) for d in demos]
-    total, tokens = 0.0, sum(sum(r["loss_mask"][1:]) for r in rows)
-    for r in rows:
-        ids = torch.tensor(r["ids"])
-        ce = F.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:], reduction="none")
-        total = total + (ce * torch.tensor(r["loss_mask"][1:])).sum()
-    (total / tokens).backward()
+    demo_nll_by_hand(model, [warm_start.demo_row(tokenizer, d) for d in DEMOS]).backward()
     by_hand = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
     alone, with_rl = update_gradient(0.0), update_gradient(1.0)
     assert ((alone - by_hand).norm() / by_hand.norm()).item() <= 1e-4

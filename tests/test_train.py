@@ -130,6 +130,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     check_args(Args(demo_coef=1.0, demo_source=""))  # one of each source from the default task's file
     with pytest.raises(SystemExit, match="--threads must be >= 0"):
         check_args(Args(threads=-1))
+    with pytest.raises(SystemExit, match="--policy-coef must be >= 0"):
+        check_args(Args(policy_coef=-1.0))
+    with pytest.raises(SystemExit, match="--policy-coef, --kl-coef and --demo-coef are all 0: no term left to train"):
+        check_args(Args(policy_coef=0.0, demo_coef=0.0))
+    check_args(Args(policy_coef=0.0))  # the control: the transcripts' term alone
     with pytest.raises(SystemExit, match="no such file: .*missing.jsonl"):
         check_args(Args(train_data=str(tmp_path / "missing.jsonl")))
     with pytest.raises(SystemExit, match="--num-minibatches 99 is more than the 4 trees of a step"):

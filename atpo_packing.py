@@ -18,24 +18,18 @@ P = p1 p2, turns A = a1 a2, B = b1, C = c1; leaves C and B):
         b1     x  x           x        (b1 does not see its sibling's turn a1 a2 nor c1)
 
 `tree_attention` computes attention block by block (one block per node, its queries against the keys it may see),
-so the masked-out part costs nothing; `load_policy` registers it with transformers under the name "atpo_tree"
-(every forward without tree blocks stays plain sdpa). `packed_token_log_probs` then gives each trajectory the same
-log-probs as `token_log_probs` on its own padded row: the same loss and gradient, fewer tokens.
+so the masked-out part costs nothing. `learner.load_policy` registers it with transformers, and
+`learner.packed_token_log_probs` then gives each trajectory the same log-probs as its own padded row: the same loss
+and gradient, fewer tokens.
 
-torch + transformers (and psutil, for the free memory); it reads finished trees of atpo_tree.py (`Tree.nodes`, `parents`, `leaves`, `path`).
+torch only; it reads finished trees of atpo_tree.py (`Tree.nodes`, `parents`, `leaves`, `path`).
 """
 
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from atpo_tree import Tree, children_lists
-
-
-def pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype)
 
 
 @dataclass
@@ -139,78 +133,3 @@ def pack_trees(trees: list[Tree]) -> PackedTrees:
             a = parents_global[a]
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedTrees(as_long(ids), as_long(positions), as_long(nodes), as_long(loss), as_long(predictor), ancestors, rows)
-
-
-def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(x_t | x_<t) at the sampling temperature for every position t >= 1 with loss_mask 1, else 0.
-
-    input_ids, attention_mask, loss_mask: [B, L] -> float32 [B, L-1] (position t-1 holds token t's log-prob).
-    The vocabulary projection runs only on the positions that are trained on.
-    """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
-    picked = loss_mask[:, 1:].bool()  # [B, L-1]
-    picked_log_probs = next_token_log_probs(model, hidden[:, :-1][picked], input_ids[:, 1:][picked], temperature)
-    return torch.zeros(picked.shape, device=hidden.device).masked_scatter(picked, picked_log_probs)
-
-
-def next_token_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(lm_head(hidden) / temperature)[target] for each of N positions: hidden [N, H], targets [N]."""
-    logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, V]
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-
-
-TREE_ATTENTION = "atpo_tree"
-
-
-def load_policy(path: str, device: torch.device):
-    """The trained policy (HF, fp32) with attention "atpo_tree": block-by-block tree attention in a tree-packed
-    forward (`tree_blocks` given), exactly sdpa (same masks, same kernel) in every other forward."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_blocks=None, **kwargs):
-        if tree_blocks is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        return tree_attention(query, key, value, tree_blocks, scaling).transpose(1, 2).contiguous(), None  # [B, N, H, D]
-
-    AttentionInterface.register(TREE_ATTENTION, attention)
-    AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=TREE_ATTENTION).to(device)
-
-
-# bytes kept for the backward per token, layer and hidden unit, measured on the default model (2,048 tokens, peak
-# above the loaded model less the gradients): fp32 3,680 - 540 MiB, bf16 autocast 2,887 - 540 MiB
-ACTIVATION_BYTES = {"float32": 95, "bfloat16": 70}
-
-
-def fit_checkpointing(model, tokens: int, mode: str, dtype: str) -> None:
-    """Gradient checkpointing on or off for a forward over `tokens` tokens in `dtype` ("float32" / "bfloat16" autocast):
-    mode "on", "off", or "auto": on only when the activations kept for the backward would take more than the
-    training state itself (float32 weights, gradients and two AdamW moments: 16 bytes a parameter) or more than half
-    the free memory, so that activations never dominate the step's memory."""
-    on = mode == "on"
-    if mode == "auto":
-        kept = ACTIVATION_BYTES[dtype] * model.config.num_hidden_layers * model.config.hidden_size * tokens
-        training_state = 16 * sum(p.numel() for p in model.parameters())
-        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available
-        on = kept > min(training_state, free / 2)
-    if on != model.is_gradient_checkpointing:
-        if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
-
-
-def packed_token_log_probs(model, packed: PackedTrees, temperature: float, device: torch.device) -> torch.Tensor:
-    """Tree packing: one forward over every unique token of the trees, with tree attention and path positions;
-    log pi of each model token at the sampling temperature, 0 elsewhere. Returns float32 [N]."""
-    if model.config._attn_implementation != TREE_ATTENTION:
-        raise ValueError(f"tree packing needs the policy loaded by atpo_packing.load_policy (attention {TREE_ATTENTION!r}), this "
-                         f"model uses {model.config._attn_implementation!r}; or train with --packing path")
-    blocks = [(first, end, keys.to(device), mask.to(device)) for first, end, keys, mask in packed.attention_blocks()]
-    hidden = model.get_decoder()(input_ids=packed.input_ids[None].to(device), position_ids=packed.position_ids[None].to(device),
-                                 tree_blocks=blocks).last_hidden_state[0]  # [N, H]
-    picked = packed.loss_mask.bool().to(device)
-    picked_log_probs = next_token_log_probs(model, hidden[packed.predictor.to(device)[picked]], packed.input_ids.to(device)[picked], temperature)
-    return torch.zeros(picked.shape, device=device).masked_scatter(picked, picked_log_probs)

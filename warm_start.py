@@ -4,14 +4,10 @@ The default model (SmolLM2-135M) almost never follows the tool format when sampl
 nothing but zero rewards. A short supervised fine-tune on gold transcripts (`build_default_task.py` writes them to
 `data/default/demos.jsonl`) teaches the format first: the loss is the token-mean cross-entropy of the model's turns,
 not of the prompt or of the retrieved passages. `train.py` runs it once per setting (`--sft auto`: for the default
-model) and caches the result under `~/.cache/atpo/warm_start/`; a second run starts from the cache. Run alone, this
-file builds that cache and prints its report, with the same flags as train.py:
-
-    .venv/bin/python warm_start.py --seed 2          # the warm start `train.py --seed 2` will start from
+model) and caches the result under `~/.cache/atpo/warm_start/`; a second run starts from the cache
+(`train.py --total-steps 0 --eval-questions 0` builds it and stops). The same transcripts give the RL update its
+supervised term (`--demo-coef`, docs/method.md §5.3): `gold_transcripts` and `draw_demos`.
 """
-
-if __name__ == "__main__":  # run alone: the engine, the environment and the evaluation are train.py's (which imports
-    import train  # this file); first, as it sets the engine's environment before torch loads
 
 import hashlib
 import json
@@ -21,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from atpo_packing import fit_checkpointing, pad, token_log_probs
+from console import progress_bar
 from default_model import cache_dir, default_model_path
 from envs import build_prompt
+from learner import fit_checkpointing, pad, token_log_probs
 
 ONE_HOP = "default-1hop"  # the data source of the default task's single-hop questions
 
@@ -32,6 +29,21 @@ def load_demos(path: str | Path, source: str = "") -> list[dict]:
     """Gold transcripts (JSONL: question, data_source, segments [[role, text], ...]); only `source`'s if given."""
     demos = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [d for d in demos if source in ("", d["data_source"])]
+
+
+def gold_transcripts(path: str | Path, source: str = "") -> list[list[dict]]:
+    """The gold transcripts of the --demo-coef term (`source`'s, or all), one pool per data source, sorted by source."""
+    by_source: dict[str, list[dict]] = {}
+    for demo in load_demos(path, source):
+        by_source.setdefault(demo["data_source"], []).append(demo)
+    return [by_source[s] for s in sorted(by_source)]
+
+
+def draw_demos(pools: list[list[dict]], count: int, rng: random.Random) -> list[dict]:
+    """`count` gold transcripts spread evenly over the pools (the first pools get one more when count does not
+    divide), drawn without replacement within a pool."""
+    shares = [count // len(pools) + (i < count % len(pools)) for i in range(len(pools))]
+    return [demo for pool, share in zip(pools, shares) for demo in rng.sample(pool, share)]
 
 
 def demo_row(tokenizer, demo: dict) -> dict:
@@ -57,7 +69,7 @@ def demo_nll(model, rows: list[dict], tokens: int, args, device: torch.device, p
     return -log_probs.sum() / tokens
 
 
-def supervised_steps(model, tokenizer, demos: list[dict], args, device: torch.device, pad_id: int, progress_bar) -> list[float]:
+def supervised_steps(model, tokenizer, demos: list[dict], args, device: torch.device, pad_id: int) -> list[float]:
     """--sft-steps AdamW steps of --sft-batch transcripts (a --sft-two-hop-frac share of two- or three-hop ones);
     returns the losses."""
     model.train()
@@ -92,13 +104,13 @@ def warm_start_dir(args) -> Path:
     return cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def build(path: Path, model, tokenizer, args, device: torch.device, pad_id: int, measure, sync, progress_bar) -> None:
+def build(path: Path, model, tokenizer, args, device: torch.device, pad_id: int, measure, sync) -> None:
     """Warm-start `model` (the base model, whose weights the engine also holds) and cache it in `path` (warm_start_dir
     of these args): scores before (`measure()`: the engine's evaluation), the supervised steps, the new weights into
     the engine (`sync()`), scores after, then the model, tokenizer and report."""
     before = measure()
     start = time.time()
-    losses = supervised_steps(model, tokenizer, load_demos(args.sft_demos), args, device, pad_id, progress_bar)
+    losses = supervised_steps(model, tokenizer, load_demos(args.sft_demos), args, device, pad_id)
     minutes = (time.time() - start) / 60
     sync()
     after = measure()
@@ -116,20 +128,3 @@ def report_lines(path: Path, temperature: float) -> str:
     for name in ("before", "after"):
         lines.append(f"  {name:6s} " + "  ".join(f"{k} {v:.3f}" for k, v in report[name].items()))
     return "\n".join(lines)
-
-
-def main() -> None:
-    import tyro
-
-    args = train.parse_args(tyro.cli(train.Args, description=__doc__))
-    if args.resume or not train.wants_sft(args):
-        raise SystemExit("error: warm_start.py builds the warm start of a fresh run: drop --resume, use --sft auto or on")
-    path = warm_start_dir(args)
-    if (path / "report.json").exists():
-        print(report_lines(path, args.temperature))  # cached: no engine to start
-    else:
-        train.prepare(args)  # builds it (the engine scores it before and after) and prints the report
-
-
-if __name__ == "__main__":
-    main()

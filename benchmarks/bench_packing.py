@@ -29,19 +29,20 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
     """In a child process: seconds of forward+backward over all trajectories, and peak RSS growth in MiB."""
     import psutil
     import torch
+    import engine
     import train
     from atpo_loss import policy_loss
-    from atpo_packing import load_policy, pad
+    from learner import load_policy, pad, response_log_probs
 
     model = load_policy(model_path, torch.device("cpu")).train()
-    args = train.Args(packing=method, dtype=train.resolve_dtype("auto"), gradient_checkpointing="on")
+    args = train.Args(packing=method, dtype=engine.resolve_dtype("auto"), gradient_checkpointing="on")
     rows, _ = train.training_rows(trees, args)
     units = [rows] if method == "tree" else [rows[i : i + micro_batch_paths] for i in range(0, len(rows), micro_batch_paths)]
     baseline = psutil.Process().memory_info().rss
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to now: loading peaked higher
     start = time.perf_counter()
     for unit in units:
-        log_probs = train.response_log_probs(model, unit, trees, args, pad_id=2)
+        log_probs = response_log_probs(model, unit, trees, args, pad_id=2)
         mask = pad([r["traj"].response_mask for r in unit], 0, torch.long)
         advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32)
         loss, _ = policy_loss(log_probs, log_probs.detach(), advantages, mask)
@@ -75,16 +76,17 @@ def synthetic_tree(seed: int):
 
 def real_trees(count: int):
     """Rollout trees of the default task from vLLM, with train.py's default tree shape."""
+    import engine
     import train
     from atpo_tree import grow_trees
     from default_model import default_model_path
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
     from warm_start import warm_start_dir
 
-    args = train.Args(dtype=train.resolve_dtype("auto"))
+    args = train.Args(dtype=engine.resolve_dtype("auto"))
     warm = warm_start_dir(args)
     path = str(warm) if (warm / "report.json").exists() else default_model_path()
-    llm = train.start_engine(path, args)
+    llm = engine.start_engine(path, args)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -92,7 +94,7 @@ def real_trees(count: int):
     tasks = random.Random(0).sample(load_tasks(DEFAULT_TASK_DIR / "train.jsonl"), count)
     rng = random.Random(0)
     trees = grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks,
-                       train.EngineSampler(llm, args, rng, args.temperature), env.step, m=args.m, l=args.l, k=args.k, rng=rng)
+                       engine.EngineSampler(llm, args, rng, args.temperature), env.step, m=args.m, l=args.l, k=args.k, rng=rng)
     for tree in trees:
         tree.task = None  # picklable for the children
     return trees, path
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--real-trees", type=int, default=2, help="real trees (train.py packs one tree per forward); 0: none, no vLLM")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    import train
+    import engine
     from atpo_packing import pack_trees
     from default_model import default_model_path
 
@@ -113,7 +115,7 @@ def main() -> None:
     if len(trees) > 1:
         workloads["default task, second real tree"] = [trees[1]]
     context = multiprocessing.get_context("spawn")
-    print(f"model {model_path}; forward+backward, {train.resolve_dtype('auto')}, gradient checkpointing, 1 thread; median of {args.repeats}")
+    print(f"model {model_path}; forward+backward, {engine.resolve_dtype('auto')}, gradient checkpointing, 1 thread; median of {args.repeats}")
     for name, work in workloads.items():
         unique = sum(len(t.prompt_ids) + sum(len(n.token_ids) + len(n.obs_ids) for n in t.nodes[1:]) for t in work)
         per_path = sum(len(t.prompt_ids) + len(r.response_ids) for t in work for r in t.trajectories())

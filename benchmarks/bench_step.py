@@ -20,8 +20,6 @@ The two ratio lines of 1 and 2 are printed last.
 
 import os
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
 import argparse
 import json
 import random
@@ -73,7 +71,7 @@ def main() -> None:
     # ---- 1. a default step against a step with the previous defaults, interleaved, after the warm start is cached
     with tempfile.TemporaryDirectory() as out:  # in its own process, so that no step's peak RSS is the warm start's
         start = time.perf_counter()
-        rss, _ = run("warm_start.py", out, ["--seed", str(args.seed)])
+        rss, _ = run("train.py", out, ["--seed", str(args.seed), "--total-steps", "0", "--eval-questions", "0"])
         print(f"warm start of seed {args.seed} (built or read from the cache): {time.perf_counter() - start:.0f} s, peak RSS {rss:.2f} GiB")
     runs = {"defaults": [], "previous": []}
     for _ in range(args.repeats):
@@ -99,16 +97,18 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    import engine  # first: it sets the environment vLLM reads
     import train
-    from atpo_packing import load_policy, pack_trees
+    from atpo_packing import pack_trees
+    from learner import load_policy, response_log_probs
     from atpo_tree import BatchSampler, grow_trees
     from default_model import default_model_path
     from envs import DEFAULT_TASK_DIR, BM25Retriever, SearchEnv, build_prompt, load_tasks
 
     path = policy_path or default_model_path()
-    settings = train.Args(dtype=train.resolve_dtype("auto"))
-    train.set_threads(settings)
-    llm = train.start_engine(path, settings)  # before bm25s is imported (see train.py)
+    settings = train.Args(dtype=engine.resolve_dtype("auto"))
+    engine.set_threads(settings.threads)
+    llm = engine.start_engine(path, settings)  # before bm25s is imported (see train.py)
     tokenizer = AutoTokenizer.from_pretrained(path)
     env = SearchEnv(tokenizer, BM25Retriever(DEFAULT_TASK_DIR / "corpus.jsonl"), max_turns=settings.max_turns,
                     max_length=settings.max_length)
@@ -131,7 +131,7 @@ def main() -> None:
                            mode="entropy", rng=random.Random(0))
         return trees, time.perf_counter() - start, sum(len(n.token_ids) for t in trees for n in t.nodes)
 
-    class Recording(train.EngineSampler):
+    class Recording(engine.EngineSampler):
         def submit(self, context):
             contexts.append(context)
             return super().submit(context)
@@ -139,7 +139,7 @@ def main() -> None:
     contexts = []  # every turn's context, in the order the rollout submitted them
     trees, rollout_seconds, rollout_tokens = rollout(Recording(llm, settings, random.Random(0), settings.temperature))
     # the previous rollout: every live branch of every tree advances one turn per batch (turn depths in lockstep)
-    one_by_one, batches = train.EngineSampler(llm, settings, random.Random(0), settings.temperature), []
+    one_by_one, batches = engine.EngineSampler(llm, settings, random.Random(0), settings.temperature), []
 
     def lockstep_batch(batch):
         batches.append(len(batch))
@@ -148,7 +148,7 @@ def main() -> None:
     _, lockstep_seconds, lockstep_tokens = rollout(BatchSampler(lockstep_batch))
     llm.reset_prefix_cache()
     start = time.perf_counter()
-    plain_tokens = sum(len(ids) for ids, _ in sample_all(train.EngineSampler(llm, settings, random.Random(0), settings.temperature), contexts))
+    plain_tokens = sum(len(ids) for ids, _ in sample_all(engine.EngineSampler(llm, settings, random.Random(0), settings.temperature), contexts))
     plain_seconds = time.perf_counter() - start
     rollout_speed, plain_speed = rollout_tokens / rollout_seconds, plain_tokens / plain_seconds
     print(f"rollout, {args.questions} trees of train.py's defaults: {rollout_tokens} tokens in {rollout_seconds:.1f} s, "
@@ -164,12 +164,12 @@ def main() -> None:
     tokens = len(pack_trees(trees[: settings.micro_batch]).input_ids)
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)  # the per-token matmuls
     threads = torch.get_num_threads()
-    train.response_log_probs(model, rows, trees, settings, 2).sum().backward()  # warm-up
+    response_log_probs(model, rows, trees, settings, 2).sum().backward()  # warm-up
     start = time.perf_counter()
-    train.response_log_probs(model, rows, trees, settings, 2).sum().backward()
+    response_log_probs(model, rows, trees, settings, 2).sum().backward()
     update_seconds = time.perf_counter() - start
     checkpointing = model.is_gradient_checkpointing  # as train.py's "auto" set it for these tokens
-    a = torch.randn(2048, 2048, dtype=train.TORCH_DTYPES[settings.dtype])  # the update's matmul dtype
+    a = torch.randn(2048, 2048, dtype=engine.TORCH_DTYPES[settings.dtype])  # the update's matmul dtype
     a @ a
     start = time.perf_counter()
     for _ in range(5):
@@ -189,7 +189,7 @@ def main() -> None:
         for mode in results:
             rng = random.Random(repeat)
             start = time.perf_counter()
-            grown = grow_trees(prompts, tasks, train.EngineSampler(llm, settings, rng, 1.0), env.step,
+            grown = grow_trees(prompts, tasks, engine.EngineSampler(llm, settings, rng, 1.0), env.step,
                                m=settings.m, l=settings.l, k=settings.k, mode=mode, rng=rng)
             seconds = time.perf_counter() - start
             assert all(len(t.leaves()) == leaves for t in grown)

@@ -9,16 +9,16 @@ sequence = GSPO, token = PPO), several seeds each.
 Every run is `python train.py --seed N` (the default recipe: its own warm start, 20 RL steps, 300 held-out questions)
 plus the setting's own flags, `--eval-every` and `--enforce-eager` (the engine of every kept run): the same leaves
 per question (M + L*K), questions per step, steps and evaluation for every setting. The settings of one seed start
-from the same warm start (built first, alone, by `warm_start.py --seed N`, cached), so the report also gives each
+from the same warm start (built first, alone, by `train.py --seed N --total-steps 0`, cached), so the report also gives each
 setting's difference from its group's AT²PO run seed by seed, where the warm start's luck cancels. Runs go to
 `--out-dir/<setting>/seed<N>/`, `--parallel` processes at a time; each checkpoints at its evaluations, so a stopped
 comparison resumes where it stopped (a finished run's checkpoints are deleted, ~3 GiB each). A finished run's metrics
 are kept in `--results-dir/compare/<setting>/seed<N>_<numerics>.jsonl` (committed: the comparison grows over machines
 and sessions; the numerics, the dtype `--dtype auto` picks and the CPU's kernels for it, such as `bfloat16-avx512` or
 `bfloat16-amx`, are in the name, and only runs of the same seed and numerics are paired). The report, always from
-every kept run of every setting: `compare.md` (the tables), `em_vs_step.png`, `em_vs_tokens.png`,
-`em_vs_step_no_demo.png`, `loss_level.png`; with `--readme`, the tables also replace the block between the
-`compare:begin`/`compare:end` markers in that file.
+every kept run of every setting: the tables, between the `compare:begin`/`compare:end` markers of the results page
+(`--page`, docs/results.md), and the plots `em_vs_step.png`, `em_vs_tokens.png`, `em_vs_step_no_demo.png`,
+`loss_level.png` in `--results-dir`.
 """
 
 import argparse
@@ -51,7 +51,7 @@ SETTINGS = {
     "loss-sequence": ("2 updates/batch, sequence loss (GSPO)", ["--expansion", "entropy", "--loss-level", "sequence", "--num-minibatches", "2"]),
     "loss-token": ("2 updates/batch, token loss (PPO)", ["--expansion", "entropy", "--loss-level", "token", "--num-minibatches", "2"]),
 }
-# the three-hop variant of the default task (README): longer episodes, where a tree's branches can share more turns
+# the three-hop variant of the default task (docs/results.md): longer episodes, where a tree's branches can share more turns
 THREE_HOP_TASK = ["--train-data", "data/default/train_3hop.jsonl", "--test-data", "data/default/test_3hop.jsonl",
                   "--sft-demos", "data/default/demos_3hop.jsonl", "--demo-batch", "3"]
 SETTINGS.update({f"{name}-3hop": (f"{SETTINGS[name][0].split(':')[0]}, three-hop task", SETTINGS[name][1] + THREE_HOP_TASK)
@@ -276,12 +276,12 @@ def machine_numerics() -> str:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from train import has_amx, resolve_dtype
+    from engine import resolve_dtype
 
     dtype = resolve_dtype("auto")
     if torch.cuda.is_available():
         return f"{dtype}-cuda"
-    amx = dtype == "bfloat16" and has_amx()
+    amx = dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
     return f"{dtype}-{'amx' if amx else torch.backends.cpu.get_cpu_capability().lower()}"
 
 
@@ -291,18 +291,19 @@ def task_flags(name: str) -> list[str]:
 
 
 def ensure_warm_start(args, seed: int, dtype: str, task: list[str]) -> None:
-    """The warm start of `seed` on the task `task` chooses (train.py caches it), made by warm_start.py when missing,
-    before any run: the seed's runs, two at a time, must not both build it."""
+    """The warm start of `seed` on the task `task` chooses (train.py caches it), made by `train.py --total-steps 0`
+    when missing, before any run: the seed's runs, two at a time, must not both build it."""
     from train import Args
     from warm_start import warm_start_dir
 
     demos = dict(zip(task[::2], task[1::2])).get("--sft-demos", Args.sft_demos)
     path = warm_start_dir(Args(seed=seed, dtype=dtype, sft_demos=demos))  # train.py resolves --dtype before the key
     if not (path / "report.json").exists():
-        log = Path(args.out_dir) / f"warm_start_seed{seed}{'_3hop' if task else ''}.log"
-        print(f"making the warm start of seed {seed} ({path}), log in {log}", flush=True)
-        with log.open("w") as f:
-            subprocess.run([sys.executable, str(ROOT / "warm_start.py"), "--seed", str(seed), *task], stdout=f,
+        out = Path(args.out_dir) / f"warm_start_seed{seed}{'_3hop' if task else ''}"
+        print(f"making the warm start of seed {seed} ({path}), log in {out}.log", flush=True)
+        with open(f"{out}.log", "w") as f:
+            subprocess.run([sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--total-steps", "0",
+                            "--eval-questions", "0", "--output-dir", str(out), *task], stdout=f,
                            stderr=subprocess.STDOUT, check=True, cwd=ROOT)
 
 
@@ -387,8 +388,8 @@ def plot(summaries: dict[str, dict], curves: dict[str, list[dict]], x: str, path
 
 
 def report(args) -> str:
-    """Reads every kept run (finished: a final evaluation at `--total-steps`) of every setting, writes compare.md, the
-    plots and the README block; returns the tables (all settings; then, for each group with a pair, every run's
+    """Reads every kept run (finished: a final evaluation at `--total-steps`) of every setting, writes the plots and
+    the block between the markers of the results page (`--page`); returns the tables (all settings; then, for each group with a pair, every run's
     final scores and the differences from the group's first setting)."""
     curves: dict[str, dict[str, dict]] = {}  # setting -> "seed<N>_<numerics>" -> run_curve
     for name in SETTINGS:
@@ -417,14 +418,13 @@ def report(args) -> str:
         differences = paired_differences({n: curves[n] for n in group if n in curves}, baseline=group[0])
         if differences:
             tables += "\n\n" + per_run_table(curves, group, hops) + "\n\n" + paired_table(differences, group[0], hops)
-    (results / "compare.md").write_text(f"{budget}.\n\n{tables}\n")
-    if args.readme:
-        readme = Path(args.readme)
-        text = readme.read_text()
-        begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            readme.write_text(f"{head}{begin}\n{budget}.\n\n{tables}\n{end}{rest.split(end, 1)[1]}")
+    page = Path(args.page)
+    text = page.read_text()
+    begin, end = "<!-- compare:begin -->", "<!-- compare:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{page} has no {begin} ... {end} block for the tables")
+    head, rest = text.split(begin, 1)
+    page.write_text(f"{head}{begin}\n{budget}.\n\n{tables}\n{end}{rest.split(end, 1)[1]}")
     return tables
 
 
@@ -432,7 +432,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="runs/compare")
     parser.add_argument("--results-dir", default="results")
-    parser.add_argument("--readme", default="README.md", help="file whose compare:begin/end block gets the table ('' = none)")
+    parser.add_argument("--page", default="docs/results.md", help="the results page whose compare:begin/end block gets the tables")
     parser.add_argument("--settings", nargs="+", default=GROUPS["sampling"], choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[12, 13, 14, 15, 16])
     parser.add_argument("--total-steps", type=int, default=20)

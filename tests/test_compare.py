@@ -10,7 +10,7 @@ import pytest
 from benchmarks.compare import (THREE_HOP_TASK, is_done, keep_finished_run, machine_numerics, paired_differences, paired_table,
                                 per_run_table, read_metrics, report, results_table, run_curve, summarize, task_flags,
                                 train_command)
-from train import resolve_dtype
+from engine import resolve_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,15 +225,15 @@ def test_three_hop_settings_add_the_task_and_warm_start_on_its_transcripts(tmp_p
     assert warm_start_dir(Args(seed=7, sft_demos=str(ROOT / flags["--sft-demos"]))) != warm_start_dir(Args(seed=7))
 
 
-def test_report_writes_tables_plots_and_the_readme_block(tmp_path):
+def test_report_writes_tables_plots_and_the_results_page_block(tmp_path):
     kept = tmp_path / "results" / "compare"
     for name, ems in [("entropy", [0.1, 0.3, 0.5]), ("chains", [0.1, 0.2, 0.2]), ("loss-token", [0.1, 0.1, 0.3]),
                       ("entropy-no-demo", [0.1, 0.2, 0.4]), ("chains-no-demo", [0.1, 0.2, 0.6])]:
         for seed in (1, 2):
             write(kept / name / f"seed{seed}_float32.jsonl", seed_rows(ems, [100, 200, 300, 400]))
     write(kept / "random" / "seed1_float32.jsonl", seed_rows([0.1, 0.3, 0.5], [100, 200, 300, 400])[:5])  # unfinished
-    (tmp_path / "README.md").write_text("intro\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\nrest\n")
-    args = Namespace(results_dir=str(tmp_path / "results"), readme=str(tmp_path / "README.md"), total_steps=4,
+    (tmp_path / "results.md").write_text("intro\n<!-- compare:begin -->\nold table\n<!-- compare:end -->\nrest\n")
+    args = Namespace(results_dir=str(tmp_path / "results"), page=str(tmp_path / "results.md"), total_steps=4,
                      eval_every=2, eval_questions=60)
     tables = report(args)  # every kept run; "random" has no finished run: left out
     summary, runs, paired, runs_no_demo, paired_no_demo = tables.split("\n\n")  # loss-token alone: no pair in its group
@@ -243,9 +243,11 @@ def test_report_writes_tables_plots_and_the_readme_block(tmp_path):
     assert "no transcripts" not in paired  # each group pairs with its own AT²PO run
     assert "minus AT²PO, no transcripts' term, same seed" in paired_no_demo
     assert "| GRPO chains, no transcripts' term | seed1_float32, seed2_float32 | +0.200 ± 0.000 (2 of 2 above 0) |" in paired_no_demo
-    assert (tmp_path / "results" / "compare.md").read_text().endswith(tables + "\n")
     for image in ("em_vs_step.png", "em_vs_tokens.png", "em_vs_step_no_demo.png", "loss_level.png"):
         assert (tmp_path / "results" / image).read_bytes()[:4] == b"\x89PNG"
-    readme = (tmp_path / "README.md").read_text()
-    assert readme.startswith("intro\n<!-- compare:begin -->\n") and readme.endswith("<!-- compare:end -->\nrest\n")
-    assert tables in readme and "old table" not in readme
+    page = (tmp_path / "results.md").read_text()
+    assert page.startswith("intro\n<!-- compare:begin -->\n") and page.endswith(tables + "\n<!-- compare:end -->\nrest\n")
+    assert "old table" not in page
+    (tmp_path / "results.md").write_text("no block\n")
+    with pytest.raises(SystemExit, match="no <!-- compare:begin --> ... <!-- compare:end --> block"):
+        report(args)

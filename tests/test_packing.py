@@ -1,56 +1,17 @@
-"""Tree packing against the path-by-path oracle, on the real default model in float32."""
+"""Tree packing (atpo_packing.py, and learner.py's forward over it) against the path-by-path oracle, on the real
+default model in float32."""
 
 import random
 
 import pytest
 import torch
 
-import atpo_packing
-import warm_start
+import engine
+import learner
 from atpo_loss import policy_loss
 from atpo_packing import PackedTrees, pack_trees, tree_attention
-from atpo_tree import BatchSampler, StepResult, Tree, grow_trees
-
-
-@pytest.fixture(scope="module")
-def model():
-    from default_model import default_model_path
-
-    return atpo_packing.load_policy(default_model_path(), torch.device("cpu")).train()
-
-
-def make_tree(tokenizer, prompt: str, nodes: list[tuple[int, str, str]], seed: int = 0) -> Tree:
-    """nodes: (parent, turn text, observation text); a node without children is a leaf with a random reward."""
-    rng = random.Random(seed)
-    tree = Tree(tokenizer.encode(prompt))
-    for parent, turn, obs in nodes:
-        ids = tokenizer.encode(turn, add_special_tokens=False)
-        node = tree.add(parent, ids, [-rng.uniform(0.1, 2.0) for _ in ids])
-        tree.nodes[node].obs_ids = tokenizer.encode(obs, add_special_tokens=False) if obs else []
-    for i in range(1, len(tree.nodes)):
-        if i not in tree.parents[1:]:
-            tree.nodes[i].done, tree.nodes[i].reward, tree.nodes[i].obs_ids = True, float(rng.random() < 0.5), []
-    return tree
-
-
-OBS = "\n\n<information>Doc 1 (Title: Mobin Pigubor) Mobin Pigubor (born 1952) is a librarian.</information>\n\n"
-PROMPT = "<|im_start|>user\nIn which town was Mobin Pigubor born?<|im_end|>\n<|im_start|>assistant\n"
-SHAPES = {
-    "one_leaf": [(0, "<think> look </think>\n<search> Mobin Pigubor </search>", OBS), (1, "<answer> Sirun </answer>", "")],
-    "siblings_differ_at_first_token": [
-        (0, "<search> Mobin Pigubor </search>", OBS),
-        (1, "<answer> Sirun </answer>", ""),
-        (1, "Sirun is the town. <answer> Sirun </answer>", ""),
-        (1, "<think> hm </think><answer> 1952 </answer>", ""),
-        (0, "<answer> Paris </answer>", ""),
-    ],
-    "deep_chain": [(i, f"<search> query number {i} </search>", OBS) for i in range(6)] + [(6, "<answer> x </answer>", "")],
-    "mixed": [
-        (0, "<search> Mobin </search>", OBS), (0, "<search> Pigubor </search>", OBS), (1, "<search> Sirun </search>", OBS),
-        (1, "<answer> Sirun </answer>", ""), (2, "<answer> Damal </answer>", ""), (3, "<answer> Sirun </answer>", ""),
-        (3, "<search> again </search>", OBS), (7, "<answer> no </answer>", ""), (2, "<answer> 1952 </answer>", ""),
-    ],
-}
+from atpo_tree import BatchSampler, StepResult, grow_trees
+from tests.handmade import PROMPT, SHAPES, make_tree
 
 
 def loss_and_grads(model, tree_list, packing, gradient_checkpointing="off"):
@@ -60,8 +21,8 @@ def loss_and_grads(model, tree_list, packing, gradient_checkpointing="off"):
     args = train.Args(packing=packing, dtype="float32", gradient_checkpointing=gradient_checkpointing)
     rows, _ = train.training_rows(tree_list, args)
     model.zero_grad()
-    log_probs = train.response_log_probs(model, rows, tree_list, args, pad_id=2)
-    mask = atpo_packing.pad([r["traj"].response_mask for r in rows], 0, torch.long)
+    log_probs = learner.response_log_probs(model, rows, tree_list, args, pad_id=2)
+    mask = learner.pad([r["traj"].response_mask for r in rows], 0, torch.long)
     advantages = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))  # any advantages will do
     old = log_probs.detach() + 0.01 * torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(0))
     loss, _ = policy_loss(log_probs, old, advantages, mask, clip_low=0.2, clip_high=0.2)
@@ -93,18 +54,18 @@ def test_gradient_checkpointing_changes_no_gradient_and_auto_follows_free_memory
     assert ((g_off - g_on).norm() / g_off.norm()).item() <= 1e-6
     # auto: on only when 95 (float32) bytes x layers x hidden x tokens exceed half the free memory or the training
     # state, 16 bytes a parameter
-    monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
+    monkeypatch.setattr(learner.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
     loss_and_grads(model, [tree], packing, "auto")
     assert not model.is_gradient_checkpointing
-    monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**20))
+    monkeypatch.setattr(learner.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**20))
     loss_and_grads(model, [tree], packing, "auto")
     assert model.is_gradient_checkpointing
-    monkeypatch.setattr(atpo_packing.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
+    monkeypatch.setattr(learner.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=2**40))
     per_token = 95 * model.config.num_hidden_layers * model.config.hidden_size
     state_tokens = 16 * sum(p.numel() for p in model.parameters()) / per_token  # SmolLM2-135M: ~1,300 tokens
-    atpo_packing.fit_checkpointing(model, int(state_tokens) + 1, "auto", "float32")
+    learner.fit_checkpointing(model, int(state_tokens) + 1, "auto", "float32")
     assert model.is_gradient_checkpointing
-    atpo_packing.fit_checkpointing(model, int(state_tokens) - 1, "auto", "float32")
+    learner.fit_checkpointing(model, int(state_tokens) - 1, "auto", "float32")
     assert not model.is_gradient_checkpointing
 
 
@@ -140,8 +101,8 @@ def test_broken_mask_or_positions_are_caught(model, tokenizer, what):
     tree = make_tree(tokenizer, PROMPT, SHAPES["siblings_differ_at_first_token"])
     packed = pack_trees([tree])
     with torch.no_grad():
-        good = atpo_packing.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
-        bad = atpo_packing.packed_token_log_probs(model, broken(packed, what), 1.0, torch.device("cpu"))
+        good = learner.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
+        bad = learner.packed_token_log_probs(model, broken(packed, what), 1.0, torch.device("cpu"))
     assert (good - bad).abs().max().item() > 0.1
 
 
@@ -151,7 +112,7 @@ def test_positions_without_the_mask_are_wrong(model, tokenizer):
     tree = make_tree(tokenizer, PROMPT, SHAPES["siblings_differ_at_first_token"])
     packed = pack_trees([tree])
     with torch.no_grad():
-        good = atpo_packing.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
+        good = learner.packed_token_log_probs(model, packed, 1.0, torch.device("cpu"))
         hidden = model.get_decoder()(input_ids=packed.input_ids[None], position_ids=packed.position_ids[None]).last_hidden_state[0]
         picked = packed.loss_mask.bool()
         logits = model.get_output_embeddings()(hidden[packed.predictor[picked]])
@@ -185,24 +146,13 @@ def test_tree_attention_equals_dense_masked_attention(tokenizer):
     assert sum((end - first) * len(keys) for first, end, keys, _ in packed.attention_blocks()) < n * n / 2
 
 
-def test_unsupported_attention_is_a_clear_error(tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from default_model import default_model_path
-
-    sdpa = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32, attn_implementation="sdpa")
-    packed = pack_trees([make_tree(tokenizer, PROMPT, SHAPES["one_leaf"])])
-    with pytest.raises(ValueError, match="tree packing needs the policy loaded by atpo_packing.load_policy"):
-        atpo_packing.packed_token_log_probs(sdpa, packed, 1.0, torch.device("cpu"))
-
-
 def test_two_trees_in_one_row_equal_separately(model, tokenizer):
 
     trees = [make_tree(tokenizer, PROMPT, SHAPES["mixed"]), make_tree(tokenizer, "Another prompt here", SHAPES["deep_chain"], seed=1)]
     with torch.no_grad():
         together = pack_trees(trees)
-        lp_together = atpo_packing.packed_token_log_probs(model, together, 1.0, torch.device("cpu"))
-        apart = torch.cat([atpo_packing.packed_token_log_probs(model, pack_trees([t]), 1.0, torch.device("cpu")) for t in trees])
+        lp_together = learner.packed_token_log_probs(model, together, 1.0, torch.device("cpu"))
+        apart = torch.cat([learner.packed_token_log_probs(model, pack_trees([t]), 1.0, torch.device("cpu")) for t in trees])
     assert (lp_together - apart).abs().max().item() <= 1e-4
     # and rows index the right tokens of each tree
     assert len(together.rows) == sum(len(t.leaves()) for t in trees)
@@ -240,92 +190,25 @@ def test_units_of_several_trees_in_any_order(model, tokenizer):
     rows, _ = train.training_rows(trees, train.Args(dtype="float32"))
     unit = [r for r in rows if r["tree"] == 1] + [r for r in rows if r["tree"] == 0]  # second tree first
     with torch.no_grad():
-        by_tree = train.response_log_probs(model, unit, trees, train.Args(packing="tree", dtype="float32"), 2)
-        by_path = train.response_log_probs(model, unit, trees, train.Args(packing="path", dtype="float32"), 2)
-    mask = atpo_packing.pad([r["traj"].response_mask for r in unit], 0, torch.long)
+        by_tree = learner.response_log_probs(model, unit, trees, train.Args(packing="tree", dtype="float32"), 2)
+        by_path = learner.response_log_probs(model, unit, trees, train.Args(packing="path", dtype="float32"), 2)
+    mask = learner.pad([r["traj"].response_mask for r in unit], 0, torch.long)
     assert ((by_tree - by_path) * mask).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="each tree's rows together"):
-        train.response_log_probs(model, unit[1:], trees, train.Args(packing="tree", dtype="float32"), 2)
+        learner.response_log_probs(model, unit[1:], trees, train.Args(packing="tree", dtype="float32"), 2)
 
 
 def test_threads_change_no_gradient(model, tokenizer):
-    import train
-
     tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"])
     before = torch.get_num_threads()
     try:
-        train.set_threads(train.Args(threads=1))
+        engine.set_threads(1)
         assert torch.get_num_threads() == 1
         lp_one, g_one = loss_and_grads(model, [tree], "tree")
-        train.set_threads(train.Args(threads=2))
+        engine.set_threads(2)
         assert torch.get_num_threads() == 2
         lp_two, g_two = loss_and_grads(model, [tree], "tree")
     finally:
-        train.SET_NUM_THREADS(before)
+        engine.SET_NUM_THREADS(before)
     assert (lp_one - lp_two).abs().max().item() <= 1e-5
     assert ((g_one - g_two).norm() / g_one.norm()).item() <= 1e-5
-
-
-DEMOS = [
-    {"question": "In which town was Mobin Pigubor born?", "segments": [
-        ["model", "<search> Mobin Pigubor </search>"], ["env", OBS], ["model", "<answer> Sirun </answer>"]]},
-    {"question": "Who is Mobin Pigubor?", "segments": [["model", "<answer> a librarian </answer>"]]},
-]
-
-
-def demo_nll_by_hand(model, rows: list[dict]) -> torch.Tensor:
-    """The plain forward's cross-entropy on every model token (labels shifted by one), one transcript at a time,
-    averaged over the model tokens of all `rows`."""
-    import torch.nn.functional as F
-
-    total = 0.0
-    for r in rows:
-        ids = torch.tensor(r["ids"])
-        ce = F.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:], reduction="none")
-        total = total + (ce * torch.tensor(r["loss_mask"][1:])).sum()
-    return total / sum(sum(r["loss_mask"][1:]) for r in rows)
-
-
-def test_demo_nll_is_the_token_mean_cross_entropy_of_the_model_turns(model, tokenizer):
-    import train
-
-    rows = [warm_start.demo_row(tokenizer, d) for d in DEMOS]
-    args = train.Args(dtype="float32", gradient_checkpointing="off")
-    tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
-    # micro-batches of one transcript each add up to the batch's token mean
-    nll = sum(warm_start.demo_nll(model, [r], tokens, args, torch.device("cpu"), pad_id=2).item() for r in rows)
-    with torch.no_grad():
-        by_hand = demo_nll_by_hand(model, rows).item()
-    assert tokens == sum(len(tokenizer.encode(t, add_special_tokens=False)) for d in DEMOS for role, t in d["segments"] if role == "model")
-    assert abs(nll - by_hand) <= 1e-4
-
-
-def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
-    """--policy-coef 0: the update's gradient is exactly the gold transcripts' cross-entropy (worked out here by a
-    plain forward per transcript); with the default 1 the ATPO loss adds to it."""
-    import train
-
-    tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=3)
-
-    class Recorder:  # an optimizer that keeps the gradient it is asked to step with
-        def zero_grad(self):
-            model.zero_grad()
-
-        def step(self):
-            self.grads = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
-
-    def update_gradient(policy_coef: float) -> torch.Tensor:
-        args = train.Args(dtype="float32", gradient_checkpointing="off", policy_coef=policy_coef, demo_coef=1.0,
-                          demo_batch=2, max_grad_norm=1e9)
-        rows, _ = train.training_rows([tree], args)
-        assert any(any(r["advantages"]) for r in rows)  # the tree has something for the ATPO loss to push
-        optimizer = Recorder()
-        train.update(model, model, optimizer, rows, [tree], [[DEMOS[0]], [DEMOS[1]]], tokenizer, 2, random.Random(0), args)
-        return optimizer.grads
-
-    model.zero_grad()
-    demo_nll_by_hand(model, [warm_start.demo_row(tokenizer, d) for d in DEMOS]).backward()
-    by_hand = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
-    alone, with_rl = update_gradient(0.0), update_gradient(1.0)
-    assert ((alone - by_hand).norm() / by_hand.norm()).item() <= 1e-4
-    assert ((with_rl - by_hand).norm() / by_hand.norm()).item() >= 1e-2

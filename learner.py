@@ -1,0 +1,128 @@
+"""The learner: the Hugging Face policy that the loss trains, its log-probs of sampled tokens, and its optimizer step.
+
+`load_policy` registers the attention "atpo_tree" with transformers (block-by-block tree attention in a packed
+forward, plain sdpa in every other one). `response_log_probs` gives every response token of a micro-batch its
+log-prob, by path (one padded row per trajectory, `token_log_probs`) or by tree (each tree's unique tokens once,
+`packed_token_log_probs`): the same numbers either way.
+"""
+
+import math
+
+import psutil
+import torch
+
+from atpo_packing import PackedTrees, pack_trees, tree_attention
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # of the trainer (vLLM picks its own)
+TREE_ATTENTION = "atpo_tree"
+# bytes kept for the backward per token, layer and hidden unit, measured on the default model (docs/notes.md)
+ACTIVATION_BYTES = {"float32": 95, "bfloat16": 70}
+
+
+def pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
+    """Ragged rows -> one [B, max length] tensor, filled with `value`."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype)
+
+
+def load_policy(path: str, device: torch.device):
+    """The trained policy (HF, float32 master weights) with attention "atpo_tree": tree attention in a tree-packed
+    forward (`tree_blocks` given), exactly sdpa (same masks, same kernel) in every other forward."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_blocks=None, **kwargs):
+        if tree_blocks is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return tree_attention(query, key, value, tree_blocks, scaling).transpose(1, 2).contiguous(), None  # [B, N, H, D]
+
+    AttentionInterface.register(TREE_ATTENTION, attention)
+    AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=TREE_ATTENTION).to(device)
+    model.config.use_cache = False
+    return model
+
+
+def next_token_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(lm_head(hidden) / temperature)[target] for each of N positions: hidden [N, H], targets [N]."""
+    logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, V]
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(x_t | x_<t) at the sampling temperature for every position t >= 1 with loss_mask 1, else 0.
+
+    input_ids, attention_mask, loss_mask: [B, L] -> float32 [B, L-1] (position t-1 holds token t's log-prob).
+    The vocabulary projection runs only on the positions that are trained on.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+    picked = loss_mask[:, 1:].bool()  # [B, L-1]
+    picked_log_probs = next_token_log_probs(model, hidden[:, :-1][picked], input_ids[:, 1:][picked], temperature)
+    return torch.zeros(picked.shape, device=hidden.device).masked_scatter(picked, picked_log_probs)
+
+
+def packed_token_log_probs(model, packed: PackedTrees, temperature: float, device: torch.device) -> torch.Tensor:
+    """Tree packing: one forward over every unique token of the trees, with tree attention and path positions;
+    log pi of each model token at the sampling temperature, 0 elsewhere. Returns float32 [N]."""
+    if model.config._attn_implementation != TREE_ATTENTION:
+        raise ValueError(f"tree packing needs the policy loaded by learner.load_policy (attention {TREE_ATTENTION!r}), this "
+                         f"model uses {model.config._attn_implementation!r}; or train with --packing path")
+    blocks = [(first, end, keys.to(device), mask.to(device)) for first, end, keys, mask in packed.attention_blocks()]
+    hidden = model.get_decoder()(input_ids=packed.input_ids[None].to(device), position_ids=packed.position_ids[None].to(device),
+                                 tree_blocks=blocks).last_hidden_state[0]  # [N, H]
+    picked = packed.loss_mask.bool().to(device)
+    picked_log_probs = next_token_log_probs(model, hidden[packed.predictor.to(device)[picked]], packed.input_ids.to(device)[picked], temperature)
+    return torch.zeros(picked.shape, device=device).masked_scatter(picked, picked_log_probs)
+
+
+def fit_checkpointing(model, tokens: int, mode: str, dtype: str) -> None:
+    """Gradient checkpointing "on", "off", or "auto": on only when the activations a forward over `tokens` tokens
+    keeps for the backward would pass the training state (16 bytes a parameter) or half the free memory."""
+    on = mode == "on"
+    if mode == "auto":
+        kept = ACTIVATION_BYTES[dtype] * model.config.num_hidden_layers * model.config.hidden_size * tokens
+        training_state = 16 * sum(p.numel() for p in model.parameters())  # float32 weights, gradients, two moments
+        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available
+        on = kept > min(training_state, free / 2)
+    if on != model.is_gradient_checkpointing:
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+
+
+def response_log_probs(model, unit: list[dict], trees: list, args, pad_id: int) -> torch.Tensor:
+    """log pi of every response token of the unit's rows (train.training_rows): [B, T] float32, junk where the
+    response mask is 0. By path, one padded row per trajectory; by tree, the unit's trees packed into one row."""
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        if args.packing == "tree":
+            order = list(dict.fromkeys(r["tree"] for r in unit))  # the unit's trees, in the order of its rows
+            if [(r["tree"], r["traj"].leaf) for r in unit] != [(t, leaf) for t in order for leaf in trees[t].leaves()]:
+                raise ValueError("tree packing needs each tree's rows together, all its leaves, in leaf order")
+            packed = pack_trees([trees[t] for t in order])
+            fit_checkpointing(model, len(packed.input_ids), args.gradient_checkpointing, args.dtype)
+            flat = packed_token_log_probs(model, packed, args.temperature, DEVICE)  # [N]
+            return flat[pad(packed.rows, 0, torch.long).to(DEVICE)]
+        prompts = [trees[r["tree"]].prompt_ids for r in unit]
+        ids = [p + r["traj"].response_ids for p, r in zip(prompts, unit)]
+        loss_mask = [[0] * len(p) + r["traj"].response_mask for p, r in zip(prompts, unit)]
+        fit_checkpointing(model, len(ids) * max(map(len, ids)), args.gradient_checkpointing, args.dtype)
+        full = token_log_probs(model, pad(ids, pad_id, torch.long).to(DEVICE), pad([[1] * len(i) for i in ids], 0, torch.long).to(DEVICE),
+                               pad(loss_mask, 0, torch.long).to(DEVICE), args.temperature)  # [B, L-1]
+        index = [[len(p) - 1 + j for j in range(len(r["traj"].response_ids))] for p, r in zip(prompts, unit)]
+        return full.gather(1, pad(index, 0, torch.long).to(DEVICE))
+
+
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """The RL optimizer: AdamW, fused (one kernel for every parameter; the same step as the for-loop AdamW)."""
+    return torch.optim.AdamW(params, lr=lr, fused=True)
+
+
+def clip_and_step(model, optimizer, max_grad_norm: float) -> float:
+    """Clip the gradient norm and step, unless the gradient holds a NaN or inf (one such step would ruin every
+    weight). Returns the norm before clipping (non-finite when the step was skipped)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+    if math.isfinite(norm):
+        optimizer.step()
+    return norm

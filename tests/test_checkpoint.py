@@ -1,0 +1,51 @@
+"""checkpoint.py: at every instant one complete checkpoint exists; the line a failed retrieval ends a run with."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import last_checkpoint, resume_hint, save_checkpoint
+
+
+def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monkeypatch):
+    from checks import check_args
+    from train import Args
+
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda path: (Path(path).mkdir(parents=True), torch.save(model.state_dict(), Path(path) / "w.pt"))
+    tokenizer = type("Tok", (), {"save_pretrained": lambda self, path: (Path(path) / "tok.json").write_text("{}")})()
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = Args(output_dir=str(tmp_path))
+    assert last_checkpoint(tmp_path) is None
+    save_checkpoint(args, 1, model, tokenizer, optimizer)
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint"
+    # a kill between the two renames of the next save: checkpoint/ is gone, checkpoint.old/ is complete
+    real_rename = Path.rename
+
+    def killed_after_first_rename(self, target):
+        real_rename(self, target)
+        if Path(target).name == "checkpoint.old":
+            raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(Path, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(args, 2, model, tokenizer, optimizer)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    last = last_checkpoint(tmp_path)
+    assert last == tmp_path / "checkpoint.old" and torch.load(last / "state.pt", weights_only=False)["step"] == 1
+    check_args(Args(output_dir=str(tmp_path), resume=True))  # --resume finds it
+    save_checkpoint(args, 3, model, tokenizer, optimizer)  # the next save replaces it: one checkpoint on disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+
+
+def test_resume_hint_names_the_checkpoint_and_the_command(tmp_path):
+    err = RuntimeError("retrieval server http://x failed")
+    assert resume_hint(err, str(tmp_path), ["--seed", "2"]) == (
+        "error: retrieval server http://x failed; no checkpoint was saved yet; start again with: python train.py --seed 2")
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.pt").write_bytes(b"")
+    assert resume_hint(err, str(tmp_path), ["--resume", "--seed", "2"]) == (
+        f"error: retrieval server http://x failed; nothing of the failed step was trained; the last checkpoint is "
+        f"{tmp_path / 'checkpoint'}; resume with: python train.py --seed 2 --resume")

@@ -1,4 +1,4 @@
-"""Turn-wise credit assignment on a rollout tree (AT²PO, arXiv 2601.04767, §2 of ATPO_SPEC.md).
+"""Turn-wise credit assignment on a rollout tree (AT²PO, arXiv 2601.04767; docs/method.md §2).
 
 A tree is a list of parent indices: `parents[0] == -1` is the root (the prompt), every other node is one turn
 and `parents[i] < i`. Leaves are nodes without children; each leaf ends one trajectory (root -> leaf).
@@ -35,7 +35,7 @@ def children_of(parents: list[int]) -> list[list[int]]:
 
 
 def normalize_leaf_rewards(rewards: list[float], eps: float = 1e-6) -> list[float]:
-    """Leaf value (spec §2.1): z-score of the outcome rewards inside one tree, population std (ddof 0)."""
+    """Leaf value (§2.1): z-score of the outcome rewards inside one tree, population std (ddof 0)."""
     if min(rewards) == max(rewards):
         return [0.0] * len(rewards)  # exactly, not the rounding error of (r - mean)
     mean = sum(rewards) / len(rewards)
@@ -52,7 +52,7 @@ def backup(
     adv_mode: str = "node_value",
     normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Node values V (spec §2.2) backed up from the leaves, and turn advantages A (spec §2.3).
+    """Node values V (§2.2) backed up from the leaves, and turn advantages A (§2.3).
 
     entropies[i] is the mean negative log-prob of node i's sampled tokens (the root's is ignored);
     leaf_rewards maps every leaf index to its outcome reward. Returns (values, advantages), float64 [N].
@@ -115,7 +115,7 @@ def backup(
 
 
 def token_advantages(node_advantages: torch.Tensor, token_nodes: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Spec §2.4: every model token of turn n gets A(n); every other position gets 0.
+    """Token advantages (§2.4): every model token of turn n gets A(n); every other position gets 0.
 
     node_advantages: [N] (several trees concatenated, `token_nodes` indexing into it);
     token_nodes: [B, T] long, the node of every token (any value, e.g. -1, where the mask is 0);

@@ -1,4 +1,4 @@
-"""The ATPO turn-level policy loss (AT²PO, arXiv 2601.04767, §3 of ATPO_SPEC.md), vectorised.
+"""The ATPO turn-level policy loss (AT²PO, arXiv 2601.04767; docs/method.md §3), vectorised.
 
 Self-contained (torch only): copy this file into TRL and call `policy_loss` where the PPO loss is, or use
 `token_losses` where a trainer aggregates the per-token loss itself (verl_atpo.py registers it with verl).
@@ -19,7 +19,7 @@ LEVELS = ("turn", "sequence", "token")
 
 
 def turn_ids(response_mask: torch.Tensor) -> torch.Tensor:
-    """Number the turns of each row: 0 where the mask is 0, k >= 1 on the k-th maximal run of 1s.
+    """Turns (§3.1): 0 where the mask is 0, k >= 1 on the k-th maximal run of 1s of each row.
 
     response_mask: [B, T] (bool or 0/1) -> LongTensor [B, T].
     """
@@ -29,7 +29,7 @@ def turn_ids(response_mask: torch.Tensor) -> torch.Tensor:
 
 
 def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over each segment of its row, broadcast back to every token of the segment.
+    """Turn log-ratio (§3.2): the mean of `values` over each segment of its row, broadcast back to its tokens.
 
     values: [B, T], 0 outside every segment; segment_ids: [B, T] long, 0 = outside every segment, at most T
     segments per row. Returns [B, T], 0 outside every segment.
@@ -41,7 +41,7 @@ def segment_mean(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tenso
 
 
 def seq_mean_token_mean(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the model tokens of each row, then over the rows that have any (an empty row counts nothing).
+    """Aggregation (§3.5): mean over the model tokens of each row, then over the rows that have any (§5.5).
 
     values: [B, T], 0 wherever the mask is 0; response_mask: [B, T] bool. Returns a scalar.
     """
@@ -61,7 +61,7 @@ def token_losses(
     clip_high: float = 4e-3,
     max_log_ratio: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ATPO per-token loss (spec §3) before aggregation: max(-A s, -A clip(s)) with the turn-level ratio s.
+    """ATPO per-token loss (§3.2-3.4) before aggregation: max(-A s, -A clip(s)) with the turn-level ratio s.
 
     Inputs as `policy_loss`. Returns the loss matrix [B, T] (0 where the mask is 0) and 0-dim tensor statistics
     over the model tokens (see `policy_loss`), so a trainer can aggregate the matrix its own way (verl's agg_loss).
@@ -120,7 +120,7 @@ def policy_loss(
     clip_high: float = 4e-3,
     max_log_ratio: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """ATPO objective (spec §3): turn-level geometric-mean ratio, per-token gradient, PPO clip, seq-mean-token-mean.
+    """ATPO objective (§3): turn-level geometric-mean ratio, per-token gradient, PPO clip, seq-mean-token-mean.
 
     log_prob, old_log_prob, advantages, response_mask: [B, T]; log-probs of the sampled tokens, one advantage
     per token (each model token of a turn carries its turn's advantage). Values where the mask is 0 are ignored,
@@ -137,7 +137,7 @@ def policy_loss(
 
 
 def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """k3 estimate of KL(pi_theta || pi_ref), exp(r) - r - 1 with r = log pi_ref - log pi_theta per model token
+    """Optional KL penalty (§5.5): k3 estimate of KL(pi_theta || pi_ref), exp(r) - r - 1 with r = log pi_ref - log pi_theta per model token
     (unbiased, never negative; GRPO's KL term), aggregated seq-mean-token-mean like `policy_loss`.
 
     log_prob, ref_log_prob, response_mask: [B, T]; values where the mask is 0 are ignored. Returns a scalar, 0

@@ -1,4 +1,4 @@
-"""Turn-level rollout trees and entropy-guided expansion (AT²PO, arXiv 2601.04767, §1 of ATPO_SPEC.md).
+"""Turn-level rollout trees and entropy-guided expansion (AT²PO, arXiv 2601.04767; docs/method.md §1).
 
 One tree per prompt. Node 0 is the root (the prompt); every other node is one model turn y_k plus the
 environment's observation o_k that followed it. A node whose turn ended the episode is a leaf, and every
@@ -40,7 +40,7 @@ class Node:
 
     @property
     def entropy(self) -> float:
-        """Node entropy (spec §1.2): H(n) = -(1/|y_k|) sum_t log pi(y_t | context); 0 for the root."""
+        """Node entropy (§1.2): H(n) = -(1/|y_k|) sum_t log pi(y_t | context); 0 for the root."""
         return -sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
 
 
@@ -154,7 +154,7 @@ def select_expansion(
     mode: str = "entropy",
     rng: random.Random | None = None,
 ) -> list[int]:
-    """Pick the K nodes to branch from (spec §1.3); each pick later gets one new re-sampled sibling.
+    """Pick the K nodes to branch from (§1.3); each pick later gets one new re-sampled sibling.
 
     entropy: score(n) = H(n) - alpha * (children(parent(n)) - 1), root: -alpha * (children(root) - 1); stable
     sort descending over the non-leaf nodes in breadth-first order, top K, the sorted list repeated if shorter.
@@ -206,7 +206,7 @@ class BatchSampler:
 
 
 class TreeGrower:
-    """Grows turn-level trees (spec §1) on one sampler: M chains, then L rounds of K branches; M + L*K leaves per tree.
+    """Grows turn-level trees (§1.1-1.4) on one sampler: M chains, then L rounds of K branches; M + L*K leaves per tree.
 
     mode: "entropy" (AT²PO), "random" (Tree-GRPO-style uniform picks, needs `rng`), or "chains"
     (M + L*K independent chains, i.e. GRPO sampling on the same budget). `sampler` and `step`: see the module
@@ -287,7 +287,7 @@ class TreeGrower:
         self.running[self.sampler.submit(context)] = (t, node, context)
 
     def _expand(self, t: int) -> None:
-        """One expansion round of tree t (spec §1.3): K picks from the tree as its previous round left it; a picked
+        """One expansion round of tree t (§1.3): K picks from the tree as its previous round left it; a picked
         node gets a new sibling, i.e. a branch from its parent (a picked root starts a fresh chain from the prompt)."""
         tree = self.trees[t]
         picks = select_expansion(tree.parents, tree.entropies, tree.is_leaf, self.k, alpha=self.alpha, mode=self.mode, rng=self.rng)

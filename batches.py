@@ -16,7 +16,7 @@ def question_pools(tasks: list, balance_sources: bool) -> list[list]:
 
 
 def step_queues(pools: list[list], prompts_per_step: int, step: int, rng: random.Random) -> tuple[list[list], list[int]]:
-    """This step's question order in each pool, and how many trees each pool gives: an even split, the remainder
+    """Hop-balanced batches (docs/method.md §5.2): this step's question order in each pool, and how many trees each pool gives: an even split, the remainder
     going to the pools in turn from step to step."""
     queues = [rng.sample(pool, len(pool)) for pool in pools]
     wanted = [prompts_per_step // len(pools) + ((i - step) % len(pools) < prompts_per_step % len(pools))
@@ -31,7 +31,7 @@ def is_uniform(tree: Tree) -> bool:
 
 def draw_trees(queues: list[list], wanted: list[int], grower: TreeGrower, prompt, rounds: int,
                drop_uniform: bool) -> tuple[list[Tree], list[Tree]]:
-    """One step's trees: wanted[i] questions popped from queue i, each grown by `grower` from prompt(task). With
+    """Dynamic sampling (docs/method.md §5.1): one step's trees, wanted[i] questions popped from queue i, each grown by `grower` from prompt(task). With
     drop_uniform, a uniform tree is dropped and the next question of its queue starts growing the moment the dropped
     tree is complete, each of the wanted trees drawn at most `rounds` times. Returns (every tree grown, the kept),
     in the order they were complete."""

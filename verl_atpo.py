@@ -1,8 +1,8 @@
 """AT²PO on verl: the ATPO turn loss and turn-wise credit as verl plug-ins (verl 0.9.1, `./setup.sh --verl`).
 
 Importing this file registers, without changing atpo_loss.py or atpo_credit.py:
-    policy loss  "atpo"  actor_rollout_ref.actor.policy_loss.loss_mode=atpo      (spec §3, via atpo_loss.token_losses)
-    advantage    "atpo"  algorithm.adv_estimator=atpo                              (spec §2, via atpo_credit.backup)
+    policy loss  "atpo"  actor_rollout_ref.actor.policy_loss.loss_mode=atpo      (docs/method.md §3, via atpo_loss.token_losses)
+    advantage    "atpo"  algorithm.adv_estimator=atpo                              (docs/method.md §2, via atpo_credit.backup)
 verl imports it in the driver and in every Ray worker when VERL_USE_EXTERNAL_MODULES=verl_atpo and this folder is
 on PYTHONPATH; examples/verl_search_r1.sh shows the whole launch.
 
@@ -32,7 +32,7 @@ def atpo_policy_loss(
     config=None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """ATPO loss (spec §3) in verl's policy-loss signature: turn ratio and clip from atpo_loss, ε_low/ε_high from the
+    """ATPO loss (docs/method.md §3) in verl's policy-loss signature: turn ratio and clip from atpo_loss, ε_low/ε_high from the
     actor config (clip_ratio_low/high, else clip_ratio), aggregated by verl's agg_loss with the actor's
     loss_agg_mode and data-parallel batch info, so the loss is the same on 1 or N ranks. All tensors [B, T].
     """
@@ -62,7 +62,7 @@ def tree_advantages(
     value_mode: str = "child_softmax",
     adv_mode: str = "node_value",
 ) -> torch.Tensor:
-    """Turn advantages (spec §2) for a verl batch: rows with the same `index` (uid) form one tree.
+    """Turn advantages (docs/method.md §2) for a verl batch: rows with the same `index` (uid) form one tree.
 
     token_level_rewards, response_mask, old_log_probs: [B, T]; a row's outcome reward is its token rewards' sum.
     A row's turns are the runs of 1s in its response mask (tool observations are 0). turn_nodes[r][k] is the
@@ -137,7 +137,7 @@ def tree_advantages(
 def compute_atpo_advantage(
     token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: np.ndarray | None = None, config=None, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec §2 in verl's advantage-estimator signature: each uid group as a chains tree, the reference credit
+    """Turn credit (docs/method.md §2) in verl's advantage-estimator signature: each uid group as a chains tree, the reference credit
     (child_softmax, node_value). Returns (advantages, returns), both [B, T], as verl's GRPO does.
     """
     if index is None:

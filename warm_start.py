@@ -58,7 +58,7 @@ def demo_row(tokenizer, demo: dict) -> dict:
 
 
 def demo_nll(model, rows: list[dict], tokens: int, args, device: torch.device, pad_id: int) -> torch.Tensor:
-    """Cross-entropy of gold transcripts (demo_row): summed over the model's tokens of `rows`, divided by `tokens`
+    """The transcripts' term (docs/method.md §5.3): cross-entropy of gold transcripts (demo_row), summed over the model's tokens of `rows`, divided by `tokens`
     (the token count of the whole batch, so that micro-batches add up to its token mean)."""
     ids = pad([r["ids"] for r in rows], pad_id, torch.long).to(device)
     attention_mask = pad([[1] * len(r["ids"]) for r in rows], 0, torch.long).to(device)

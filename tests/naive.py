@@ -1,6 +1,6 @@
 """Deliberately straightforward second implementations, used as test oracles and as the benchmark's baseline.
 
-Written from ATPO_SPEC.md directly, row by row and turn by turn in Python, sharing no code with the project.
+Written from docs/method.md directly, row by row and turn by turn in Python, sharing no code with the project.
 """
 
 import torch
@@ -21,7 +21,7 @@ def turns_of(mask_row: list[int]) -> list[list[int]]:
 
 
 def loop_token_losses(log_prob, old_log_prob, advantages, response_mask, clip_low=3e-3, clip_high=4e-3, max_log_ratio=10.0):
-    """The ATPO per-token loss with a Python loop over rows and turns (spec §3): a list per row of its model tokens'
+    """The ATPO per-token loss with a Python loop over rows and turns (docs/method.md §3): a list per row of its model tokens'
     losses (an empty list for a row without model tokens)."""
     rows = []
     for i, mask_row in enumerate(response_mask.tolist()):
@@ -38,7 +38,7 @@ def loop_token_losses(log_prob, old_log_prob, advantages, response_mask, clip_lo
 
 
 def loop_policy_loss(log_prob, old_log_prob, advantages, response_mask, **clip):
-    """The ATPO loss (spec §3): the mean of each row's token losses, then the mean over non-empty rows."""
+    """The ATPO loss (docs/method.md §3): the mean of each row's token losses, then the mean over non-empty rows."""
     row_losses = [row.mean() for row in loop_token_losses(log_prob, old_log_prob, advantages, response_mask, **clip)
                   if len(row)]
     if not row_losses:

@@ -42,6 +42,14 @@ def save_checkpoint(args, step: int, model, tokenizer, optimizer) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def start_over(output_dir: Path) -> None:
+    """--overwrite-output-dir: the earlier run's metrics, checkpoint, trees and curves go."""
+    for name in ("metrics.jsonl", "curves.png"):
+        (output_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "trees"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """The run's complete checkpoint: `checkpoint/`, or `checkpoint.old/` when a kill came mid-swap; None if none."""
     for path in [Path(output_dir) / "checkpoint", Path(output_dir) / "checkpoint.old"]:

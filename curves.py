@@ -21,6 +21,8 @@ PANELS = [  # (title, metric name prefixes): every metric starting with a prefix
 def load_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl: per-step rows (with "losses/policy") and evaluation rows (with "eval/..."). A torn last
     line (a run killed while writing it) is left out; a broken line before it is an error."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     rows = []
     for i, line in enumerate(lines):
@@ -70,7 +72,13 @@ def main() -> None:
     parser.add_argument("metrics", help="a run's metrics.jsonl")
     parser.add_argument("--out", default="curves.png")
     args = parser.parse_args()
-    draw_curves(load_metrics(args.metrics), args.out)
+    try:
+        rows = load_metrics(args.metrics)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if not any(isinstance(r, dict) and "step" in r for r in rows):
+        raise SystemExit(f"error: {args.metrics}: no metrics rows to draw")
+    draw_curves(rows, args.out)
     print(f"wrote {args.out}")
 
 

@@ -48,9 +48,10 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, golds: list[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer."""
+    """1.0 if the normalised prediction equals any normalised gold answer; a gold answer that normalises to nothing
+    ("The", ".") matches nothing (else an answer of articles or punctuation would score)."""
     norm = normalize_answer(prediction)
-    return float(any(norm == normalize_answer(g) for g in golds))
+    return float(any(norm == normalize_answer(g) for g in golds if normalize_answer(g)))
 
 
 def f1_score(prediction: str, golds: list[str]) -> float:
@@ -77,19 +78,31 @@ class Task:
     source: str = ""  # data source, for EM per source (e.g. "nq", "hotpotqa", "default-2hop")
 
 
-def _require(record: dict, key: str, path: Path, row: int) -> Any:
+def _require(record: dict, key: str, where: str) -> Any:
     if key not in record or record[key] is None:
-        raise ValueError(f"{path}: row {row} has no field {key!r}")
+        raise ValueError(f"{where} has no field {key!r}")
     return record[key]
 
 
-def _answer_list(value: Any, path: Path, row: int) -> list[str]:
+def _answer_list(value: Any, where: str) -> list[str]:
     values = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
     if not isinstance(values, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in values):
-        raise ValueError(f"{path}: row {row}: answers must be a string or a list of strings, got {value!r:.80}")
-    if not values:
-        raise ValueError(f"{path}: row {row} has an empty answer list")
+        raise ValueError(f"{where}: answers must be a string or a list of strings, got {value!r:.80}")
+    if not any(normalize_answer(str(a)) for a in values):
+        raise ValueError(f"{where}: no gold answer left after normalisation (empty, or only articles and punctuation): {value!r:.80}")
     return [str(a) for a in values]
+
+
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(1-based line number, record) for every non-blank line; a line that is not JSON is an error naming it."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err})") from None
+    return records
 
 
 def load_tasks(path: str | Path) -> list[Task]:
@@ -101,32 +114,31 @@ def load_tasks(path: str | Path) -> list[Task]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several kinds for a file that is not parquet
+            raise ValueError(f"{path}: not a readable parquet file ({err})") from None
+        records = [(f"row {number}", record) for number, record in enumerate(table.to_pylist(), start=1)]
     elif path.suffix in (".jsonl", ".json"):
-        records = []
-        for row, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: row {row} is not valid JSON ({err})") from None
+        records = [(f"line {number}", record) for number, record in read_jsonl(path)]
     else:
         raise ValueError(f"{path}: expected a .jsonl or .parquet file")
     tasks = []
-    for row, record in enumerate(records):
+    for place, record in records:
+        where = f"{path}: {place}"
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: row {row} is not an object with a question, got {record!r:.80}")
-        question = _require(record, "question", path, row)
+            raise ValueError(f"{where} is not an object with a question, got {record!r:.80}")
+        question = _require(record, "question", where)
         if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{path}: row {row}: the question must be a non-empty string, got {question!r:.80}")
+            raise ValueError(f"{where}: the question must be a non-empty string, got {question!r:.80}")
         question = question.strip()
         if record.get("golden_answers") is not None:
-            answers = _answer_list(record["golden_answers"], path, row)
+            answers = _answer_list(record["golden_answers"], where)
         elif isinstance(record.get("reward_model"), dict):
-            truth = _require(record["reward_model"], "ground_truth", path, row)
-            answers = _answer_list(_require(truth, "target", path, row) if isinstance(truth, dict) else truth, path, row)
+            truth = _require(record["reward_model"], "ground_truth", where)
+            answers = _answer_list(_require(truth, "target", where) if isinstance(truth, dict) else truth, where)
         else:
-            raise ValueError(f"{path}: row {row} has no field 'golden_answers' (nor reward_model.ground_truth)")
+            raise ValueError(f"{where} has no field 'golden_answers' (nor reward_model.ground_truth)")
         tasks.append(Task(question, answers, str(record.get("data_source") or "")))
     if not tasks:
         raise ValueError(f"{path}: no questions")
@@ -153,17 +165,16 @@ class Passage(NamedTuple):
 
 
 def read_corpus(path: str | Path) -> list[dict]:
-    """A JSONL corpus of {"id", "contents"} records; a bad line is an error naming the file and the row."""
+    """A JSONL corpus of {"id", "contents"} records; a bad line is an error naming the file and the line."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such corpus file")
     docs = []
-    for row, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: row {row} is not valid JSON ({err})") from None
-        docs.append({"id": str(_require(record, "id", path, row)), "contents": str(_require(record, "contents", path, row))})
+    for number, record in read_jsonl(path):
+        where = f"{path}: line {number}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is not an object with an id and contents, got {record!r:.80}")
+        docs.append({"id": str(_require(record, "id", where)), "contents": str(_require(record, "contents", where))})
     if not docs:
         raise ValueError(f"{path}: the corpus is empty")
     return docs
@@ -173,12 +184,12 @@ class BM25Retriever:
     """In-process BM25 (bm25s) over a JSONL corpus. The index is cached under `cache_dir`, keyed by a hash of the
     corpus file, so it is rebuilt only when the corpus changes."""
 
-    def __init__(self, corpus_path: str | Path, cache_dir: str | Path | None = None):
+    def __init__(self, corpus_path: str | Path, cache_dir: str | Path | None = None, corpus: list[dict] | None = None):
         import bm25s
 
         from default_model import cache_dir as default_cache_dir
 
-        self.corpus = read_corpus(corpus_path)
+        self.corpus = corpus if corpus is not None else read_corpus(corpus_path)  # read_corpus's, if already read
         digest = hashlib.sha256(Path(corpus_path).read_bytes()).hexdigest()[:16]
         self.index_dir = Path(cache_dir or default_cache_dir() / "bm25") / f"{Path(corpus_path).stem}-{digest}"
         self.built = not (self.index_dir / "params.index.json").exists()
@@ -243,6 +254,8 @@ class HttpRetriever:
                                          f"({response.status_code}): {response.text[:500]}")
                 response.raise_for_status()
                 return self._parse(response.json(), len(queries))
+            except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL) as err:
+                raise RetrievalError(f"retrieval server {self.url}: not a valid http(s) URL ({err})") from None
             except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as err:
                 if attempt == self.retries:
                     raise RetrievalError(
@@ -345,6 +358,8 @@ class SearchEnv:
             i for i, (r, a) in enumerate(zip(requests, actions)) if a.kind == "search" and r.turn_number < self.max_turns
         ]
         found = self.retriever.search([actions[i].content for i in searches], self.topk) if searches else []
+        if len(found) != len(searches):
+            raise RetrievalError(f"the retriever returned {len(found)} result lists for {len(searches)} queries")
         passages = dict(zip(searches, found))
 
         results = []

@@ -8,13 +8,15 @@ Request:  {"queries": [str, ...], "topk": int (null or left out: 3), "return_sco
 Response: {"result": [[{"document": {"id": str, "contents": str}, "score": float}, ...], ...]}
           (without return_scores, each hit is the document itself). A request it cannot serve gets a 422 and a
           message: a malformed body, topk outside 1..--max-topk, more than --max-queries queries, a query longer
-          than --max-query-chars characters. An error inside answers 500 with a one-line message, no traceback.
-Binds to 127.0.0.1 unless told otherwise.
+          than --max-query-chars characters, a number that is not finite. An error inside answers 500 with a
+          one-line message, no traceback.
+Binds to 127.0.0.1 unless told otherwise, and prints the address it listens on.
 """
 
 import argparse
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -35,6 +37,12 @@ def make_app(retriever: BM25Retriever, max_topk: int = 50, max_queries: int = 10
     @app.exception_handler(Exception)
     def internal_error(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse(status_code=500, content={"detail": f"retrieval failed: {type(err).__name__}"})
+
+    @app.exception_handler(RequestValidationError)
+    def malformed(request: Request, err: RequestValidationError) -> JSONResponse:
+        # the message without the input: FastAPI's default echoes it, and a NaN in it cannot be sent as JSON (a 500)
+        problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
 
     @app.post("/retrieve")
     def retrieve(request: RetrieveRequest) -> dict:
@@ -69,7 +77,17 @@ def main() -> None:
     parser.add_argument("--max-queries", type=int, default=1024, help="most queries per request")
     parser.add_argument("--max-query-chars", type=int, default=2000, help="longest query served, in characters")
     args = parser.parse_args()
-    app = make_app(BM25Retriever(args.corpus, cache_dir=args.cache_dir), args.max_topk, args.max_queries, args.max_query_chars)
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+    for name in ("max_topk", "max_queries", "max_query_chars"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        retriever = BM25Retriever(args.corpus, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --corpus: {err}") from None
+    app = make_app(retriever, args.max_topk, args.max_queries, args.max_query_chars)
+    print(f"retrieval server: {len(retriever.corpus)} passages, POST http://{args.host}:{args.port}/retrieve", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

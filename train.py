@@ -31,12 +31,12 @@ from atpo_credit import backup, token_advantages
 from atpo_loss import kl_penalty, policy_loss
 from atpo_tree import Tree, TreeGrower
 from batches import draw_trees, question_pools, step_queues
-from checkpoint import RunLog, last_checkpoint, resume_hint, save_checkpoint, tree_record, write_trees
+from checkpoint import RunLog, last_checkpoint, resume_hint, save_checkpoint, start_over, tree_record, write_trees
 from checks import check_args
 from console import close_progress_bars, console_line, progress_bar, quiet_third_party, summary
 from curves import draw_curves
 from default_model import default_model_path
-from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt, load_tasks
+from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt
 from evaluation import evaluate, mean, rollout_stats
 from learner import DEVICE, adamw, clip_and_step, load_policy, pad, response_log_probs
 
@@ -52,6 +52,8 @@ class Args:
     """where metrics.jsonl, the checkpoint and the saved trees go"""
     resume: bool = False
     """continue from <output-dir>/checkpoint"""
+    overwrite_output_dir: bool = False
+    """start over in an --output-dir that holds a run (its metrics, checkpoint and trees are deleted)"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline logs without a network)"""
     wandb_project: str = "atpo"
@@ -193,7 +195,7 @@ def main(args: Args) -> None:
     run_start = time.time()
     quiet_third_party(args.verbose)
     args.dtype = engine.resolve_dtype(args.dtype)
-    check_args(args)
+    inputs = check_args(args)  # every flag and file, before anything is loaded; what they hold, read once
     engine.set_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file line by line
     random.seed(args.seed)
@@ -203,7 +205,7 @@ def main(args: Args) -> None:
     dtype = engine.TORCH_DTYPES[args.dtype]
 
     # ---- the questions: evaluation takes them from each data source in turn; the warm start's report its first few
-    train_tasks, test_tasks = load_tasks(args.train_data), load_tasks(args.test_data)
+    train_tasks, test_tasks, tokenizer = inputs.train_tasks, inputs.test_tasks, inputs.tokenizer
     by_source: dict[str, list[Task]] = {}
     for task in test_tasks:
         by_source.setdefault(task.source, []).append(task)
@@ -219,11 +221,10 @@ def main(args: Args) -> None:
           f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {output_dir}")
 
     # ---- the policy (from the checkpoint, the cached warm start, or the base model) and the engine, same weights
-    from transformers import AutoTokenizer
-
+    if args.overwrite_output_dir:
+        start_over(output_dir)
     base_path = default_model_path() if args.model == "default" else args.model
     sft_dir = warm_start.warm_start_dir(args) if args.wants_sft() else None
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if args.resume:
         policy_path = str(last_checkpoint(output_dir))
@@ -234,14 +235,14 @@ def main(args: Args) -> None:
     model = load_policy(policy_path, DEVICE)
     llm = engine.start_engine(policy_path, args)
     # retrieval after the engine: vLLM's start-up scan of loaded modules trips over bm25s's numba
-    retriever = HttpRetriever(args.retrieval_url) if args.retrieval_url else BM25Retriever(args.corpus)
+    retriever = HttpRetriever(args.retrieval_url) if args.retrieval_url else BM25Retriever(args.corpus, corpus=inputs.corpus)
     env = SearchEnv(tokenizer, retriever, topk=args.topk, passage_chars=args.passage_chars, max_turns=args.max_turns,
                     max_length=args.max_length, format_penalty=args.format_penalty)
 
     # ---- the warm start, measured before and after at the RL temperature (a resumed run has had it)
     if sft_dir is not None and not args.resume:
         if policy_path == base_path:
-            warm_start.build(sft_dir, model, tokenizer, args, DEVICE, pad_id,
+            warm_start.build(sft_dir, model, tokenizer, inputs.demos, args, DEVICE, pad_id,
                              measure=lambda: evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed),
                              sync=lambda: engine.push_weights(llm, model, dtype))
         print(warm_start.report_lines(sft_dir, args.temperature))
@@ -250,13 +251,12 @@ def main(args: Args) -> None:
     # ---- the policy RL starts from: the KL to it is logged every step and penalised with --kl-coef
     reference = load_policy(str(sft_dir) if sft_dir is not None else base_path, DEVICE).eval().requires_grad_(False)
     pools = question_pools(train_tasks, args.balance_sources)
-    demo_pools = warm_start.gold_transcripts(args.sft_demos, args.demo_source) if args.demo_coef > 0 else []
+    demo_pools = warm_start.gold_transcripts(inputs.demos, args.demo_source) if args.demo_coef > 0 else []
     optimizer = adamw(model.parameters(), args.lr)
     start_step = 0
     if args.resume:
-        state = torch.load(Path(policy_path) / "state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+        optimizer.load_state_dict(inputs.resume_state["optimizer"])
+        start_step = inputs.resume_state["step"]
         print(f"resumed from {policy_path} at step {start_step}")
     run_log = RunLog(args, start_step)  # one metric scheme (charts/, losses/, eval/, time/) for console, file, wandb
 

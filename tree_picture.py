@@ -18,6 +18,8 @@ NUMBERS = ("entropy", "value", "advantage")
 def load_trees(path: str | Path) -> list[dict]:
     """The trees of one JSON file, checked: a ValueError names the file, tree, node and field at fault."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
     try:
         trees = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -126,9 +128,12 @@ def main() -> None:
     parser.add_argument("--tree", type=int, default=0, help="which tree of the file")
     parser.add_argument("--out", default="tree.png", help="image to write (.png, .svg or .pdf)")
     args = parser.parse_args()
-    trees = load_trees(args.trees)
+    try:
+        trees = load_trees(args.trees)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
     if not 0 <= args.tree < len(trees):
-        raise SystemExit(f"{args.trees} holds {len(trees)} trees; --tree {args.tree} is out of range")
+        raise SystemExit(f"error: {args.trees} holds {len(trees)} trees; --tree {args.tree} is out of range")
     render(trees[args.tree], args.out)
     print(f"wrote {args.out}")
 

@@ -19,23 +19,35 @@ import torch
 
 from console import progress_bar
 from default_model import cache_dir, default_model_path
-from envs import build_prompt
+from envs import build_prompt, read_jsonl
 from learner import fit_checkpointing, pad, token_log_probs
 
 ONE_HOP = "default-1hop"  # the data source of the default task's single-hop questions
 
 
-def load_demos(path: str | Path, source: str = "") -> list[dict]:
-    """Gold transcripts (JSONL: question, data_source, segments [[role, text], ...]); only `source`'s if given."""
-    demos = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [d for d in demos if source in ("", d["data_source"])]
+def load_demos(path: str | Path) -> list[dict]:
+    """Gold transcripts (JSONL: question, data_source, segments [[role, text], ...] with the role "model" on the
+    model's turns), checked: a ValueError names the file and line of the first one that is not a transcript."""
+    demos = []
+    for number, demo in read_jsonl(Path(path)):
+        segments = demo.get("segments") if isinstance(demo, dict) else None
+        well_formed = (isinstance(segments, list) and all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s)
+                                                         for s in segments)
+                       and any(role == "model" for role, _ in segments) and isinstance(demo.get("question"), str)
+                       and demo["question"].strip() and isinstance(demo.get("data_source"), str))
+        if not well_formed:
+            raise ValueError(f"{path}: line {number} is not a gold transcript (a question, a data_source and segments "
+                             f"[[role, text], ...] with a \"model\" one), got {demo!r:.80}")
+        demos.append(demo)
+    return demos
 
 
-def gold_transcripts(path: str | Path, source: str = "") -> list[list[dict]]:
+def gold_transcripts(demos: list[dict], source: str = "") -> list[list[dict]]:
     """The gold transcripts of the --demo-coef term (`source`'s, or all), one pool per data source, sorted by source."""
     by_source: dict[str, list[dict]] = {}
-    for demo in load_demos(path, source):
-        by_source.setdefault(demo["data_source"], []).append(demo)
+    for demo in demos:
+        if source in ("", demo["data_source"]):
+            by_source.setdefault(demo["data_source"], []).append(demo)
     return [by_source[s] for s in sorted(by_source)]
 
 
@@ -104,13 +116,13 @@ def warm_start_dir(args) -> Path:
     return cache_dir() / "warm_start" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def build(path: Path, model, tokenizer, args, device: torch.device, pad_id: int, measure, sync) -> None:
+def build(path: Path, model, tokenizer, demos: list[dict], args, device: torch.device, pad_id: int, measure, sync) -> None:
     """Warm-start `model` (the base model, whose weights the engine also holds) and cache it in `path` (warm_start_dir
     of these args): scores before (`measure()`: the engine's evaluation), the supervised steps, the new weights into
     the engine (`sync()`), scores after, then the model, tokenizer and report."""
     before = measure()
     start = time.time()
-    losses = supervised_steps(model, tokenizer, load_demos(args.sft_demos), args, device, pad_id)
+    losses = supervised_steps(model, tokenizer, demos, args, device, pad_id)
     minutes = (time.time() - start) / 60
     sync()
     after = measure()

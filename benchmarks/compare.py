@@ -266,7 +266,9 @@ def train_command(args, name: str, seed: int, threads: int) -> list[str]:
                "--eval-questions", str(args.eval_questions), "--save-every", str(args.eval_every),
                "--save-trees-every", str(args.eval_every), "--threads", str(threads),
                *KEPT_SPEED_SETTINGS] + SETTINGS[name][1]
-    return command + (["--resume"] if (run_dir / "checkpoint" / "state.pt").exists() else [])
+    if (run_dir / "checkpoint" / "state.pt").exists():
+        return command + ["--resume"]
+    return command + (["--overwrite-output-dir"] if (run_dir / "metrics.jsonl").exists() else [])  # stopped before a checkpoint
 
 
 def machine_numerics() -> str:
@@ -303,7 +305,7 @@ def ensure_warm_start(args, seed: int, dtype: str, task: list[str]) -> None:
         print(f"making the warm start of seed {seed} ({path}), log in {out}.log", flush=True)
         with open(f"{out}.log", "w") as f:
             subprocess.run([sys.executable, str(ROOT / "train.py"), "--seed", str(seed), "--total-steps", "0",
-                            "--eval-questions", "0", "--output-dir", str(out), *task], stdout=f,
+                            "--eval-questions", "0", "--output-dir", str(out), "--overwrite-output-dir", *task], stdout=f,
                            stderr=subprocess.STDOUT, check=True, cwd=ROOT)
 
 

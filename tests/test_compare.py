@@ -204,7 +204,10 @@ def test_train_command_is_the_default_run_plus_the_setting(tmp_path):
                      "--eval-every": "10", "--eval-questions": "300", "--save-every": "10", "--save-trees-every": "10",
                      "--threads": "1", "--expansion": "chains"}
     assert train_command(args, "chains-no-demo", 7, threads=1)[-4:] == ["--expansion", "chains", "--demo-coef", "0"]
-    (tmp_path / "chains" / "seed7" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "chains" / "seed7").mkdir(parents=True)
+    (tmp_path / "chains" / "seed7" / "metrics.jsonl").write_text("")  # stopped before its first checkpoint
+    assert train_command(args, "chains", 7, threads=1)[-1] == "--overwrite-output-dir"
+    (tmp_path / "chains" / "seed7" / "checkpoint").mkdir()
     (tmp_path / "chains" / "seed7" / "checkpoint" / "state.pt").write_bytes(b"")
     assert train_command(args, "chains", 7, threads=1)[-1] == "--resume"
 

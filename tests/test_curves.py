@@ -1,6 +1,11 @@
 """curves.py: which numbers go into which line, and a picture drawn from a real-shaped metrics file."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from curves import draw_curves, load_metrics, series
 
@@ -31,3 +36,17 @@ def test_a_torn_last_line_is_left_out_and_a_torn_middle_line_is_an_error(tmp_pat
     path.write_text('{"step": 1, "lo\n{"step": 2, "losses/policy": 0.5}\n')
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         load_metrics(path)
+
+
+@pytest.mark.parametrize("content, message", [(None, "no such file"), ("", "no metrics rows to draw"),
+                                              ('{"step": 1, "char', "no metrics rows to draw"),
+                                              ('{"step": 1}\n[1,\n{"step": 2}\n', "line 2 is not JSON")])
+def test_the_tool_refuses_a_missing_empty_or_torn_file_with_one_line(tmp_path, content, message):
+    metrics = tmp_path / "metrics.jsonl"
+    if content is not None:
+        metrics.write_text(content)
+    proc = subprocess.run([sys.executable, "curves.py", str(metrics), "--out", str(tmp_path / "c.png")],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and line.startswith(f"error: {metrics}: {message}")
+    assert not (tmp_path / "c.png").exists()

@@ -97,6 +97,8 @@ def test_normalisation_and_em():
     assert exact_match("Paris, France", ["Paris"]) == 0.0
     assert exact_match("1952.", ["1952"]) == 1.0
     assert exact_match("", ["x"]) == 0.0
+    assert exact_match(".", [""]) == 0.0 and exact_match("the", ["The", "Paris"]) == 0.0  # an empty gold matches nothing
+    assert exact_match("Paris", ["The", "Paris"]) == 1.0
 
 
 def test_f1():
@@ -116,14 +118,25 @@ def test_loaders_and_clear_errors(tmp_path):
     assert load_tasks(good) == [Task("Who?", ["A", "B"], "nq")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "Who?"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0 has no field 'golden_answers'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1 has no field 'golden_answers'"):
         load_tasks(bad)
     bad.write_text(json.dumps({"golden_answers": ["x"]}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0 has no field 'question'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1 has no field 'question'"):
         load_tasks(bad)
-    bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl: row 0 is not valid JSON"):
+    bad.write_text("\n{not json\n")  # a blank first line: numbers count every line, from 1
+    with pytest.raises(ValueError, match="bad.jsonl: line 2 is not valid JSON"):
         load_tasks(bad)
+    for answers in (["The"], ".", [" a  an "], []):  # nothing left after normalisation: any article would score
+        bad.write_text(json.dumps({"question": "Who?", "golden_answers": ["x"]}) + "\n"
+                       + json.dumps({"question": "Who?", "golden_answers": answers}) + "\n")
+        with pytest.raises(ValueError, match="bad.jsonl: line 2: no gold answer left after normalisation"):
+            load_tasks(bad)
+    bad.write_text(json.dumps({"question": "Who?", "golden_answers": ["The", "Paris"]}) + "\n")
+    assert load_tasks(bad)[0].answers == ["The", "Paris"]
+    parquet = tmp_path / "not.parquet"
+    parquet.write_text("not parquet")
+    with pytest.raises(ValueError, match="not.parquet: not a readable parquet file"):
+        load_tasks(parquet)
     with pytest.raises(FileNotFoundError):
         load_tasks(tmp_path / "missing.jsonl")
 
@@ -145,7 +158,7 @@ def test_search_r1_parquet(tmp_path):
     pq.write_table(table.drop(["golden_answers"]), tmp_path / "rm.parquet")  # answers only under reward_model
     assert load_tasks(tmp_path / "rm.parquet") == [Task("who wrote x?", ["Ann"], "nq")]
     pq.write_table(table.drop(["golden_answers", "reward_model"]), tmp_path / "none.parquet")
-    with pytest.raises(ValueError, match="none.parquet: row 0 has no field 'golden_answers'"):
+    with pytest.raises(ValueError, match="none.parquet: row 1 has no field 'golden_answers'"):
         load_tasks(tmp_path / "none.parquet")
 
 
@@ -218,7 +231,7 @@ def test_bm25_cache_is_reused_and_invalidated(tmp_path):
 def test_bad_corpus_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "1"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl: row 0 has no field 'contents'"):
+    with pytest.raises(ValueError, match="bad.jsonl: line 1 has no field 'contents'"):
         BM25Retriever(bad, cache_dir=tmp_path)
 
 
@@ -249,15 +262,33 @@ def retrieval_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "retrieval_server.py", "--corpus", str(DEFAULT_TASK_DIR / "corpus.jsonl"), "--port", str(port),
          "--cache-dir", str(tmp_path_factory.mktemp("server-bm25"))],
-        cwd=ROOT,
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}/retrieve"
     try:
         wait_until_up(url)
+        assert proc.stdout.readline().strip() == f"retrieval server: 2056 passages, POST {url}"  # where it listens
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "--port must be in 1..65535, got 99999"), (["--port", "0"], "--port must be in 1..65535, got 0"),
+    (["--max-topk", "0"], "--max-topk must be >= 1, got 0"), (["--corpus", "/no/such.jsonl"], "error: --corpus: /no/such.jsonl: no such corpus file"),
+])
+def test_server_refuses_bad_flags_with_one_line(flags, message):
+    corpus = [] if "--corpus" in flags else ["--corpus", str(DEFAULT_TASK_DIR / "corpus.jsonl")]
+    proc = subprocess.run([sys.executable, "retrieval_server.py", *corpus, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].endswith(message) and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("body", ['{"queries": ["x"], "topk": NaN}', '{"queries": ["x"], "topk": Infinity}',
+                                  '{"queries": ["x"], "topk": -Infinity, "return_scores": NaN}', '{"queries": [NaN]}'])
+def test_server_answers_non_finite_numbers_with_a_422(retrieval_server, body):
+    response = requests.post(retrieval_server, data=body, headers={"content-type": "application/json"}, timeout=10)
+    assert response.status_code == 422 and response.json()["detail"]
 
 
 def test_http_client_and_server_agree_with_in_process_bm25(retrieval_server, default_retriever):
@@ -379,6 +410,23 @@ def test_http_malformed_response(body):
     with ToyServer(lambda n, payload: (200, body)) as server:
         with pytest.raises(RetrievalError, match="malformed response"):
             HttpRetriever(server.url, retries=0).search(["q"], 1)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000/retrieve", "ftp://127.0.0.1/retrieve", "http://"])
+def test_http_invalid_url_is_named_as_such(url):
+    with pytest.raises(RetrievalError, match="not a valid http\\(s\\) URL"):
+        HttpRetriever(url, retries=0).search(["q"], 1)
+
+
+def test_a_retriever_without_one_result_list_per_query_is_an_error(tokenizer):
+    class Short:  # a custom retriever that drops a query's results
+        def search(self, queries, topk):
+            return [[] for _ in queries[1:]]
+
+    env = SearchEnv(tokenizer, Short(), max_turns=3)
+    turns = [StepRequest(Task("q", ["a"]), [1], encode(tokenizer, f"<search> q{i} </search>"), 1) for i in range(2)]
+    with pytest.raises(RetrievalError, match="the retriever returned 1 result lists for 2 queries"):
+        env.step(turns)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_scores_stay_in_range(prediction, golds):
     assert em in (0.0, 1.0) and 0.0 <= f1 <= 1.0
     if em == 1.0 and normalize_answer(prediction):
         assert f1 == pytest.approx(1.0)  # the same normalised tokens
-    assert exact_match(prediction, [prediction]) == 1.0
+    assert exact_match(prediction, [prediction]) == float(bool(normalize_answer(prediction)))  # an empty gold matches nothing
 
 
 # A row of a task file: mostly near-valid records (the fields a loader looks at, with wrong types), sometimes any JSON.

@@ -185,7 +185,8 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(u
     from checkpoint import last_checkpoint
 
     def start(out: Path) -> subprocess.Popen:
-        resume = ["--resume"] if last_checkpoint(out) is not None else []  # no checkpoint yet: start afresh
+        # no checkpoint yet: start over (a kill before the first checkpoint leaves metrics.jsonl alone)
+        resume = ["--resume"] if last_checkpoint(out) is not None else ["--overwrite-output-dir"]
         return subprocess.Popen([sys.executable, "train.py", *TINY, *THREE_STEPS, "--output-dir", str(out), *resume],
                                 cwd=ROOT, env=TINY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

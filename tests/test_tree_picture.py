@@ -2,6 +2,9 @@
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +116,15 @@ def test_a_well_formed_minimal_file_loads(tmp_path):
     path = tmp_path / "trees.json"
     path.write_text(json.dumps([{"nodes": [ROOT, GOOD_NODE]}]))
     assert load_trees(path)[0]["nodes"][1]["reward"] == 1.0
+
+
+@pytest.mark.parametrize("content", [None, "{not json", "[]"])
+def test_the_tool_refuses_a_missing_or_malformed_file_with_one_line(tmp_path, content):
+    trees = tmp_path / "step_000010.json"
+    if content is not None:
+        trees.write_text(content)
+    proc = subprocess.run([sys.executable, "tree_picture.py", str(trees), "--out", str(tmp_path / "t.png")],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    [line] = proc.stderr.strip().splitlines()
+    expected = {None: "no such file", "{not json": "not valid JSON", "[]": "holds 0 trees"}[content]
+    assert proc.returncode != 0 and line.startswith("error: ") and expected in line and not (tmp_path / "t.png").exists()

@@ -87,14 +87,17 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return torch.cat(outputs, dim=2)
 
 
-def pack_trees(trees: list[Tree]) -> PackedTrees:
-    """Lay finished trees out for a tree-masked forward pass (each shared prefix computed once)."""
+def pack_trees(trees: list[Tree], leaves: list[list[int]] | None = None) -> PackedTrees:
+    """Lay finished trees out for a tree-masked forward pass (each shared prefix computed once); with `leaves`, only
+    the paths to those leaves of each tree (a tree split along its paths), rows in leaf index order."""
     ids, positions, nodes, loss, predictor, rows = [], [], [], [], [], []
     parents_global: list[int] = []
-    for tree in trees:
+    for t, tree in enumerate(trees):
         offset = len(parents_global)
         parents_global += [p + offset if p >= 0 else -1 for p in tree.parents]
-        children = children_lists(tree.parents)
+        kept_leaves = sorted(leaves[t]) if leaves is not None else tree.leaves()
+        on_path = {0}.union(*(tree.path(leaf) for leaf in kept_leaves))
+        children = [[c for c in cs if c in on_path] for cs in children_lists(tree.parents)]
         last_position = {}  # node -> packed position of its last token (where its children's first token is predicted)
         start_of = {}  # node -> packed position of its first token
         depth_after = {}  # node -> path length in tokens after the node
@@ -119,7 +122,7 @@ def pack_trees(trees: list[Tree]) -> PackedTrees:
                 raise ValueError(f"node {node} has no tokens: nothing can predict its children")
             last_position[node] = len(ids) - 1
             depth_after[node] = first_position + len(tokens)
-        for leaf in tree.leaves():
+        for leaf in kept_leaves:
             row = []
             for n in tree.path(leaf):
                 row += range(start_of[n], start_of[n] + len(tree.nodes[n].token_ids) + len(tree.nodes[n].obs_ids))

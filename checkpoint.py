@@ -25,13 +25,15 @@ def fsync(path: Path) -> None:
 
 
 def save_checkpoint(args, step: int, model, tokenizer, optimizer) -> None:
-    """The policy as a HF folder, plus the optimizer state, the step and the flags in state.pt."""
+    """The policy as a HF folder, plus the step, the flags and (unless --no-save-optimizer) the optimizer state in
+    state.pt."""
     output_dir = Path(args.output_dir)
     final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": dataclasses.asdict(args)}, tmp / "state.pt")
+    optimizer_state = {"optimizer": optimizer.state_dict()} if args.save_optimizer else {}
+    torch.save({"step": step, **optimizer_state, "args": dataclasses.asdict(args)}, tmp / "state.pt")
     for path in [*tmp.iterdir(), tmp]:
         fsync(path)
     if final.exists():

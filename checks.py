@@ -20,10 +20,9 @@ from warm_start import load_demos
 AT_LEAST = {"seed": 0, "prompts_per_step": 1, "max_draws": 1, "m": 1, "l": 0, "k": 1, "topk": 1, "passage_chars": 1,
             "max_turns": 1, "max_turn_tokens": 1, "max_length": 2, "sft_steps": 1, "sft_batch": 1, "sft_eval_questions": 1,
             "demo_batch": 1, "total_steps": 0, "num_minibatches": 1, "threads": 0, "micro_batch": 1, "eval_every": 1,
-            "eval_questions": 0, "save_every": 1, "save_trees_every": 0}
+            "eval_questions": 0, "save_every": 1, "save_trees_every": 0, "logprob_chunk": 1}
 # range of each float flag: (low, low allowed, high, high allowed); every one must be finite
-RANGE = {"kv_cache_gb": (0, False, math.inf, False), "gpu_memory_utilization": (0, False, 1, True),
-         "format_penalty": (0, True, math.inf, False), "sft_lr": (0, False, math.inf, False),
+RANGE = {"kv_cache_gb": (0, False, math.inf, False), "format_penalty": (0, True, math.inf, False), "sft_lr": (0, False, math.inf, False),
          "sft_two_hop_frac": (0, True, 1, True), "alpha": (0, True, math.inf, False), "temperature": (0, False, math.inf, False),
          "clip_low": (0, False, 1, False), "clip_high": (0, False, math.inf, False), "policy_coef": (0, True, math.inf, False),
          "kl_coef": (0, True, math.inf, False), "demo_coef": (0, True, math.inf, False), "lr": (0, False, math.inf, False),
@@ -66,6 +65,8 @@ def number_problems(args) -> list[str]:
     groups, what = (args.prompts_per_step, "trees") if args.packing == "tree" else (args.prompts_per_step * (args.m + args.l * args.k), "trajectories")
     if args.num_minibatches > groups:
         problems.append(f"--num-minibatches {args.num_minibatches} is more than the {groups} {what} of a step (--packing {args.packing})")
+    if args.micro_batch_tokens and not args.micro_batch_tokens >= args.max_length:
+        problems.append(f"--micro-batch-tokens {args.micro_batch_tokens} must be 0 or at least --max-length {args.max_length}")
     if args.max_turn_tokens >= args.max_length:
         problems.append(f"--max-turn-tokens {args.max_turn_tokens} must be below --max-length {args.max_length}")
     if args.track and not args.wandb_project.strip():
@@ -128,7 +129,7 @@ def resume_state(args, problems: list[str]) -> dict | None:
         return None
     try:
         state = torch.load(path / "state.pt", weights_only=False)
-        step = state["step"], state["optimizer"]
+        step = state["step"], state.get("optimizer")
     except Exception as err:  # a torn or foreign file: torch raises several kinds
         problems.append(f"--resume: {path / 'state.pt'} cannot be read ({type(err).__name__}: {str(err)[:200]})")
         return None

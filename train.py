@@ -33,12 +33,12 @@ from atpo_tree import Tree, TreeGrower
 from batches import draw_trees, question_pools, step_queues
 from checkpoint import RunLog, last_checkpoint, resume_hint, save_checkpoint, start_over, tree_record, write_trees
 from checks import check_args
-from console import close_progress_bars, console_line, progress_bar, quiet_third_party, summary
+from console import banner, close_progress_bars, console_line, progress_bar, quiet_third_party, summary
 from curves import draw_curves
 from default_model import default_model_path
-from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, Task, build_prompt
-from evaluation import evaluate, mean, rollout_stats
-from learner import DEVICE, adamw, clip_and_step, load_policy, pad, response_log_probs
+from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, build_prompt
+from evaluation import evaluate, held_out, mean, rollout_stats
+from learner import DEVICE, adamw, clip_and_step, load_policy, micro_batches, pad, response_log_probs
 
 MAX_NONFINITE_IN_A_ROW = 3  # steps whose update had a non-finite loss or gradient, in a row, before the run stops
 
@@ -67,9 +67,9 @@ class Args:
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """dtype of vLLM and of the trainer's autocast; auto: bfloat16 where the hardware has it natively, else float32"""
     kv_cache_gb: float = 1.0
-    """vLLM KV cache size in GiB"""
-    gpu_memory_utilization: float = 0.4
-    """on a GPU: the share of GPU memory vLLM may take"""
+    """vLLM KV cache size in GiB (what the engine takes beyond its weights)"""
+    sleep_engine: bool = True
+    """on a GPU, free vLLM's weights and KV cache during the update (the weight sync brings the weights back)"""
     enforce_eager: bool = False
     """vLLM without torch.compile (and CUDA graphs): starts sooner, generates slower"""
 
@@ -160,6 +160,8 @@ class Args:
     """RL steps (0: build the warm start, evaluate, stop)"""
     lr: float = 1e-5
     """AdamW learning rate"""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """AdamW with float32 moments (8 bytes a parameter), or bitsandbytes' 8-bit AdamW (2 bytes a parameter)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     num_minibatches: int = 1
@@ -170,8 +172,14 @@ class Args:
     """CPU threads of generation and training (0: every core; give two jobs on one CPU a share each)"""
     micro_batch: int = 2
     """trajectories (path) or whole trees (tree packing) per forward/backward, gradients accumulated"""
+    micro_batch_tokens: int = 0
+    """instead of --micro-batch: tokens per forward/backward, a larger tree split along its paths (0: off)"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute activations in the backward; auto: only where they would outgrow the training state or memory"""
+    logprob_chunk: int = 4096
+    """positions per vocabulary projection of the loss's log-probs (a longer forward is chunked, recomputed in backward)"""
+    log_kl_to_start: bool = True
+    """log KL(pi || start policy) every step (keeps a frozen copy of the start policy; always with --kl-coef > 0)"""
 
     # evaluation and checkpoints
     eval_every: int = 20
@@ -180,6 +188,8 @@ class Args:
     """held-out questions per evaluation (0: no evaluation)"""
     save_every: int = 10
     """checkpoint every N steps (and at the end)"""
+    save_optimizer: bool = True
+    """keep the optimizer state in the checkpoint (without it --resume starts a fresh AdamW)"""
     save_trees_every: int = 10
     """save the step's rollout trees as JSON every N steps (0: never)"""
 
@@ -193,7 +203,7 @@ class Args:
 
 def main(args: Args) -> None:
     run_start = time.time()
-    quiet_third_party(args.verbose)
+    quiet_third_party(args.verbose, on_cpu=not torch.cuda.is_available())
     args.dtype = engine.resolve_dtype(args.dtype)
     inputs = check_args(args)  # every flag and file, before anything is loaded; what they hold, read once
     engine.set_threads(args.threads)
@@ -204,21 +214,10 @@ def main(args: Args) -> None:
     output_dir = Path(args.output_dir)
     dtype = engine.TORCH_DTYPES[args.dtype]
 
-    # ---- the questions: evaluation takes them from each data source in turn; the warm start's report its first few
+    # ---- the questions: the evaluations' and the warm start report's come from each data source in turn
     train_tasks, test_tasks, tokenizer = inputs.train_tasks, inputs.test_tasks, inputs.tokenizer
-    by_source: dict[str, list[Task]] = {}
-    for task in test_tasks:
-        by_source.setdefault(task.source, []).append(task)
-    eval_tasks = [ts[i] for i in range(args.eval_questions) for ts in by_source.values() if i < len(ts)][: args.eval_questions]
-    warm_tasks = [t for ts in by_source.values() for t in ts[: args.sft_eval_questions]]
-    print(f"atpo: {'SmolLM2-135M-Instruct (the default model)' if args.model == 'default' else args.model}, "
-          f"{len(train_tasks)} training / {len(test_tasks)} test questions from {Path(args.train_data).parent}; "
-          f"{'a warm start on gold transcripts (cached after the first run), then ' if args.wants_sft() else ''}"
-          f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of "
-          f"{args.m + args.l * args.k} leaves"
-          f"{f', plus {args.demo_batch} gold transcripts (x {args.demo_coef:g}) in every update' if args.demo_coef > 0 else ''}"
-          f"{'; no RL gradient (--policy-coef 0)' if args.policy_coef == 0 else ''}; "
-          f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {output_dir}")
+    eval_tasks, warm_tasks = held_out(test_tasks, args.eval_questions), held_out(test_tasks, args.sft_eval_questions, each=True)
+    print(banner(args, len(train_tasks), len(test_tasks)))
 
     # ---- the policy (from the checkpoint, the cached warm start, or the base model) and the engine, same weights
     if args.overwrite_output_dir:
@@ -248,14 +247,18 @@ def main(args: Args) -> None:
         print(warm_start.report_lines(sft_dir, args.temperature))
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    # ---- the policy RL starts from: the KL to it is logged every step and penalised with --kl-coef
-    reference = load_policy(str(sft_dir) if sft_dir is not None else base_path, DEVICE).eval().requires_grad_(False)
+    # ---- the policy RL starts from, where it is used: the KL to it is logged and penalised with --kl-coef
+    start_path = str(sft_dir) if sft_dir is not None else base_path
+    reference = load_policy(start_path, DEVICE).eval().requires_grad_(False) if args.log_kl_to_start or args.kl_coef > 0 else None
     pools = question_pools(train_tasks, args.balance_sources)
     demo_pools = warm_start.gold_transcripts(inputs.demos, args.demo_source) if args.demo_coef > 0 else []
-    optimizer = adamw(model.parameters(), args.lr)
+    optimizer = adamw(model.parameters(), args.lr, args.optimizer)
     start_step = 0
     if args.resume:
-        optimizer.load_state_dict(inputs.resume_state["optimizer"])
+        if "optimizer" in inputs.resume_state:
+            optimizer.load_state_dict(inputs.resume_state["optimizer"])
+        else:
+            print("note: the checkpoint has no optimizer state (--no-save-optimizer): AdamW starts afresh")
         start_step = inputs.resume_state["step"]
         print(f"resumed from {policy_path} at step {start_step}")
     run_log = RunLog(args, start_step)  # one metric scheme (charts/, losses/, eval/, time/) for console, file, wandb
@@ -296,15 +299,16 @@ def main(args: Args) -> None:
         records = [tree_record(tree, *c, tokenizer) for tree, c in zip(trees, credit)] if save_trees else []
         t_credit = time.time() - t0
 
-        # ---- 3. update: the ATPO loss (§3), plus the --kl-coef and --demo-coef terms
+        # ---- 3. update: the ATPO loss (§3), plus the --kl-coef and --demo-coef terms (the engine asleep on a GPU)
         t0 = time.time()
+        asleep = engine.sleep(llm, args)
         losses = update(model, reference, optimizer, rows, trees, demo_pools, tokenizer, pad_id, step_rng, args)
         t_train = time.time() - t0 - losses["time/old_log_prob"]  # the update alone
 
         # ---- 4. weight sync into the running engine, then the step's freed memory back to the OS
         t0 = time.time()
-        if trees:
-            engine.push_weights(llm, model, dtype)
+        if trees or asleep:
+            engine.push_weights(llm, model, dtype, asleep)
         t_sync = time.time() - t0
         engine.release_freed_memory()
 
@@ -372,13 +376,10 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
     # a group stays together in a micro-batch: a whole tree (tree packing) or one trajectory (path)
     groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if args.packing == "tree" else [[r] for r in rows]
 
-    def units(gs: list[list[dict]]) -> list[list[dict]]:
-        return [sum(gs[i : i + args.micro_batch], []) for i in range(0, len(gs), args.micro_batch)]
-
     t_old = 0.0
     if args.num_minibatches > 1:  # pi_old must be fixed before the first update changes the weights
         with torch.no_grad():
-            for unit in units(groups):
+            for unit in micro_batches(groups, trees, args):
                 old = response_log_probs(model, unit, trees, args, pad_id)
                 for row, o in zip(unit, old.cpu()):
                     row["old_log_probs"] = o[: len(row["traj"].response_ids)].tolist()
@@ -389,7 +390,7 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
         minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
         live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
         optimizer.zero_grad()
-        for unit in units(minibatch):
+        for unit in micro_batches(minibatch, trees, args):
             if args.kl_coef == 0 and (args.policy_coef == 0 or not any(any(r["advantages"]) for r in unit)):
                 continue  # no RL term, or zero advantage on every token: its gradient is exactly zero
             log_probs = response_log_probs(model, unit, trees, args, pad_id)  # [B, T]
@@ -400,9 +401,11 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
                              if args.num_minibatches > 1 else log_probs.detach())
             loss, stats = policy_loss(log_probs, old_log_probs, advantages, mask, level=args.loss_level,
                                       clip_low=args.clip_low, clip_high=args.clip_high)
-            with torch.no_grad():  # the policy RL started from, on the same tokens
-                ref_log_probs = response_log_probs(reference, unit, trees, args, pad_id)
-            kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
+            kl_to_start = torch.zeros(())
+            if reference is not None:
+                with torch.no_grad():  # the policy RL started from, on the same tokens
+                    ref_log_probs = response_log_probs(reference, unit, trees, args, pad_id)
+                kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
             weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
             ((args.policy_coef * loss + args.kl_coef * kl_to_start) * weight).backward()
             losses.append(loss.item() * weight)
@@ -422,9 +425,10 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
         grad_norms.append(clip_and_step(model, optimizer, args.max_grad_norm))
+    optimizer.zero_grad()  # the gradients' memory back before the next rollout
     return {
         "losses/policy": sum(losses) / args.num_minibatches,
-        "losses/kl_to_start": sum(kls_to_start) / args.num_minibatches,
+        **({"losses/kl_to_start": sum(kls_to_start) / args.num_minibatches} if reference is not None else {}),
         "losses/demo_nll": sum(demo_nlls) / args.num_minibatches,
         "losses/clip_frac": mean(clip_fracs),
         "losses/approx_kl": mean(kls),

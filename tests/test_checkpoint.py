@@ -13,7 +13,12 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
     from train import Args
 
     model = torch.nn.Linear(2, 2)
-    model.save_pretrained = lambda path: (Path(path).mkdir(parents=True), torch.save(model.state_dict(), Path(path) / "w.pt"))
+    def save_pretrained(path):  # what a HF folder holds, as far as --resume looks
+        Path(path).mkdir(parents=True)
+        (Path(path) / "config.json").write_text("{}")
+        torch.save(model.state_dict(), Path(path) / "model.safetensors")
+
+    model.save_pretrained = save_pretrained
     tokenizer = type("Tok", (), {"save_pretrained": lambda self, path: (Path(path) / "tok.json").write_text("{}")})()
     optimizer = torch.optim.AdamW(model.parameters())
     args = Args(output_dir=str(tmp_path))
@@ -37,7 +42,14 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
     check_args(Args(output_dir=str(tmp_path), resume=True))  # --resume finds it
     save_checkpoint(args, 3, model, tokenizer, optimizer)  # the next save replaces it: one checkpoint on disk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
-    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 3 and set(state["optimizer"]) == {"state", "param_groups"}
+    # --no-save-optimizer: the step and flags only; --resume still finds it (and starts a fresh AdamW)
+    args.save_optimizer = False
+    save_checkpoint(args, 4, model, tokenizer, optimizer)
+    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 4 and "optimizer" not in state and state["args"]["save_optimizer"] is False
+    check_args(Args(output_dir=str(tmp_path), resume=True))
 
 
 def test_resume_hint_names_the_checkpoint_and_the_command(tmp_path):

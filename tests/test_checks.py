@@ -144,15 +144,16 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
 
 
 # every float flag at values that make no sense, in one invocation each: every one is its own line
-FLOATS = ["--kv-cache-gb", "--gpu-memory-utilization", "--format-penalty", "--sft-lr", "--sft-two-hop-frac", "--alpha",
+FLOATS = ["--kv-cache-gb", "--format-penalty", "--sft-lr", "--sft-two-hop-frac", "--alpha",
           "--temperature", "--clip-low", "--clip-high", "--policy-coef", "--kl-coef", "--demo-coef", "--lr", "--max-grad-norm"]
-ZERO_IS_BAD = ["--kv-cache-gb", "--gpu-memory-utilization", "--sft-lr", "--temperature", "--clip-low", "--clip-high", "--lr",
+ZERO_IS_BAD = ["--kv-cache-gb", "--sft-lr", "--temperature", "--clip-low", "--clip-high", "--lr",
                "--max-grad-norm"]
 # every integer flag that has a smallest value, one below it
 INTS = {"--prompts-per-step": 0, "--max-draws": 0, "--m": 0, "--l": -1, "--k": 0, "--topk": 0, "--passage-chars": 0,
         "--max-turns": 0, "--max-turn-tokens": 0, "--sft-steps": 0, "--sft-batch": 0, "--sft-eval-questions": 0,
         "--demo-batch": 0, "--total-steps": -1, "--num-minibatches": 0, "--threads": -1, "--micro-batch": 0,
-        "--eval-every": 0, "--eval-questions": -1, "--save-every": 0, "--save-trees-every": -1, "--seed": -1}
+        "--eval-every": 0, "--eval-questions": -1, "--save-every": 0, "--save-trees-every": -1, "--seed": -1,
+        "--logprob-chunk": 0}
 
 
 def refused(tmp_path: Path, model: Path, url: str) -> list[tuple[list[str], list[str]]]:
@@ -164,8 +165,7 @@ def refused(tmp_path: Path, model: Path, url: str) -> list[tuple[list[str], list
         ([flag for name in FLOATS for flag in (name, "inf")], FLOATS),
         ([flag for name in FLOATS for flag in (name, "-1")], FLOATS),
         ([flag for name in FLOATS if name != "--policy-coef" for flag in (name, "0")], ZERO_IS_BAD),
-        (["--gpu-memory-utilization", "1.5", "--sft-two-hop-frac", "1.1", "--clip-low", "1"],
-         ["--gpu-memory-utilization", "--sft-two-hop-frac", "--clip-low"]),
+        (["--sft-two-hop-frac", "1.1", "--clip-low", "1"], ["--sft-two-hop-frac", "--clip-low"]),
         ([flag for name, value in INTS.items() for flag in (name, str(value))] + ["--max-length", "1"],
          [*INTS, "--max-length"]),
         (["--seed", str(2**32)], ["--seed must be below 2**32"]),

@@ -194,8 +194,15 @@ def test_units_of_several_trees_in_any_order(model, tokenizer):
         by_path = learner.response_log_probs(model, unit, trees, train.Args(packing="path", dtype="float32"), 2)
     mask = learner.pad([r["traj"].response_mask for r in unit], 0, torch.long)
     assert ((by_tree - by_path) * mask).abs().max().item() <= 1e-4
-    with pytest.raises(ValueError, match="each tree's rows together"):
-        learner.response_log_probs(model, unit[1:], trees, train.Args(packing="tree", dtype="float32"), 2)
+    part = unit[1:-1]  # a tree split along its paths: some of its leaves, still in leaf order
+    with torch.no_grad():
+        by_tree = learner.response_log_probs(model, part, trees, train.Args(packing="tree", dtype="float32"), 2)
+        by_path = learner.response_log_probs(model, part, trees, train.Args(packing="path", dtype="float32"), 2)
+    mask = learner.pad([r["traj"].response_mask for r in part], 0, torch.long)
+    assert ((by_tree - by_path) * mask).abs().max().item() <= 1e-4
+    for bad in (unit[1:2] + unit[0:1], [unit[0], unit[-1], unit[1]]):  # out of leaf order; a tree's rows apart
+        with pytest.raises(ValueError, match="each tree's rows together, in leaf order"):
+            learner.response_log_probs(model, bad, trees, train.Args(packing="tree", dtype="float32"), 2)
 
 
 def test_threads_change_no_gradient(model, tokenizer):
@@ -212,3 +219,49 @@ def test_threads_change_no_gradient(model, tokenizer):
         engine.SET_NUM_THREADS(before)
     assert (lp_one - lp_two).abs().max().item() <= 1e-5
     assert ((g_one - g_two).norm() / g_one.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("packing", ["tree", "path"])
+def test_token_budget_micro_batches_take_the_same_gradient(model, tokenizer, packing):
+    """--micro-batch-tokens: units by a token budget, a tree larger than it split along its paths, give the update the
+    gradient of whole-tree micro-batches (float32, 1e-6); the split really happened and every unit keeps to the budget."""
+    import train
+
+    trees = [make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=1), make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=2),
+             make_tree(tokenizer, PROMPT, SHAPES["siblings_differ_at_first_token"], seed=3)]
+    longest_path = max(len(t.prompt_ids) + len(r.response_ids) for t in trees for r in t.trajectories())
+
+    class Recorder:
+        def zero_grad(self):
+            model.zero_grad()
+
+        def step(self):
+            self.grads = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+
+    def gradient(**flags):
+        args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, max_grad_norm=1e9, packing=packing,
+                          log_kl_to_start=False, **flags)
+        rows, _ = train.training_rows(trees, args)
+        groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if packing == "tree" else [[r] for r in rows]
+        units = learner.micro_batches(groups, trees, args)
+        optimizer = Recorder()
+        train.update(model, None, optimizer, rows, trees, [], tokenizer, 2, random.Random(0), args)
+        return optimizer.grads, units
+
+    by_count, _ = gradient(micro_batch=2)
+    by_budget, units = gradient(micro_batch_tokens=longest_path + 10)
+    # the same sums in another order (a split tree's shared turns add up over two backward passes): float32 rounding,
+    # measured at ~1e-6 of the gradient, bounded as the packed-vs-path comparison is
+    assert ((by_count - by_budget).norm() / by_count.norm()).item() <= 1e-5
+    trees_in = [{r["tree"] for r in unit} for unit in units]
+    if packing == "tree":
+        assert any(sum(t in ts for ts in trees_in) > 1 for t in range(len(trees)))  # a tree was split along its paths
+        for unit in units:
+            packed = pack_trees([trees[t] for t in dict.fromkeys(r["tree"] for r in unit)],
+                                [[r["traj"].leaf for r in unit if r["tree"] == t] for t in dict.fromkeys(r["tree"] for r in unit)])
+            assert len(packed.input_ids) <= longest_path + 10
+    else:
+        assert all(len(unit) * max(len(trees[r["tree"]].prompt_ids) + len(r["traj"].response_ids) for r in unit) <= longest_path + 10
+                   for unit in units)
+    assert sorted((r["tree"], r["traj"].leaf) for unit in units for r in unit) == sorted(
+        (t, leaf) for t, tree in enumerate(trees) for leaf in tree.leaves())  # every row once

@@ -79,6 +79,42 @@ def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
     assert ((with_rl - by_hand).norm() / by_hand.norm()).item() >= 1e-2
 
 
+def test_without_the_start_policy_the_update_is_the_same_and_logs_no_kl(model, tokenizer):
+    """--no-log-kl-to-start (and --kl-coef 0): no start policy is kept, the gradient is the one the update with it
+    takes, and losses/kl_to_start is left out rather than logged as 0."""
+    import copy
+
+    import train
+
+    tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=3)
+    start = copy.deepcopy(model).eval().requires_grad_(False)
+    with torch.no_grad():  # the start policy differs from the policy, so the KL it logs is not 0
+        for p in start.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+
+    class Recorder:
+        def zero_grad(self):
+            model.zero_grad()
+
+        def step(self):
+            self.grads = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+
+    def update(reference, log_kl_to_start: bool):
+        args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, max_grad_norm=1e9,
+                          log_kl_to_start=log_kl_to_start)
+        rows, _ = train.training_rows([tree], args)
+        optimizer = Recorder()
+        losses = train.update(model, reference, optimizer, rows, [tree], [], tokenizer, 2, random.Random(0), args)
+        return losses, optimizer.grads
+
+    with_start, grads_with = update(start, True)
+    without, grads_without = update(None, False)
+    assert with_start["losses/kl_to_start"] > 0 and "losses/kl_to_start" not in without
+    assert torch.equal(grads_with, grads_without)
+    assert {k: v for k, v in with_start.items() if k not in ("losses/kl_to_start", "time/old_log_prob")} == {
+        k: v for k, v in without.items() if k != "time/old_log_prob"}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end: warm start, RL steps, resume
 

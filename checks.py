@@ -5,6 +5,7 @@ then what needs the tokenizer or the network (the prompts' length, the retrieval
 What the checks read is returned, so that train.py reads nothing twice.
 """
 
+import importlib.util
 import math
 import sys
 import tempfile
@@ -69,6 +70,8 @@ def number_problems(args) -> list[str]:
         problems.append(f"--micro-batch-tokens {args.micro_batch_tokens} must be 0 or at least --max-length {args.max_length}")
     if args.max_turn_tokens >= args.max_length:
         problems.append(f"--max-turn-tokens {args.max_turn_tokens} must be below --max-length {args.max_length}")
+    if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("--optimizer adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50'")
     if args.track and not args.wandb_project.strip():
         problems.append("--wandb-project must not be empty with --track")
     return problems
@@ -77,8 +80,6 @@ def number_problems(args) -> list[str]:
 def model_problems(args) -> list[str]:
     """--model: the default model's package, or a folder with a config, a tokenizer and weights, or a cached hub name."""
     if args.model == "default":
-        import importlib.util
-
         from default_model import GGUF_PACKAGE, is_converted
 
         return [] if is_converted() or importlib.util.find_spec(GGUF_PACKAGE) else [

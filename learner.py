@@ -26,9 +26,19 @@ def pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
 
 
 def load_policy(path: str, device: torch.device):
-    """The trained policy (HF, float32 master weights) with attention "atpo_tree": tree attention in a tree-packed
-    forward (`tree_blocks` given), exactly sdpa (same masks, same kernel) in every other forward."""
-    from transformers import AttentionInterface, AutoModelForCausalLM
+    """The trained policy (HF, float32 master weights) with attention "atpo_tree" (`register_tree_attention`)."""
+    from transformers import AutoModelForCausalLM
+
+    register_tree_attention()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=TREE_ATTENTION).to(device)
+    model.config.use_cache = False
+    return model
+
+
+def register_tree_attention() -> None:
+    """Attention "atpo_tree" for transformers: tree attention in a tree-packed forward (`tree_blocks` given), exactly
+    sdpa (same masks, same kernel) in every other forward."""
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -39,9 +49,6 @@ def load_policy(path: str, device: torch.device):
 
     AttentionInterface.register(TREE_ATTENTION, attention)
     AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=TREE_ATTENTION).to(device)
-    model.config.use_cache = False
-    return model
 
 
 def next_token_log_probs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 4096) -> torch.Tensor:

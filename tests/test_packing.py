@@ -11,7 +11,7 @@ import learner
 from atpo_loss import policy_loss
 from atpo_packing import PackedTrees, pack_trees, tree_attention
 from atpo_tree import BatchSampler, StepResult, grow_trees
-from tests.handmade import PROMPT, SHAPES, make_tree
+from tests.handmade import PROMPT, SHAPES, GradientRecorder, make_tree
 
 
 def loss_and_grads(model, tree_list, packing, gradient_checkpointing="off"):
@@ -231,20 +231,13 @@ def test_token_budget_micro_batches_take_the_same_gradient(model, tokenizer, pac
              make_tree(tokenizer, PROMPT, SHAPES["siblings_differ_at_first_token"], seed=3)]
     longest_path = max(len(t.prompt_ids) + len(r.response_ids) for t in trees for r in t.trajectories())
 
-    class Recorder:
-        def zero_grad(self):
-            model.zero_grad()
-
-        def step(self):
-            self.grads = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
-
     def gradient(**flags):
         args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, max_grad_norm=1e9, packing=packing,
                           log_kl_to_start=False, **flags)
         rows, _ = train.training_rows(trees, args)
         groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if packing == "tree" else [[r] for r in rows]
         units = learner.micro_batches(groups, trees, args)
-        optimizer = Recorder()
+        optimizer = GradientRecorder(model)
         train.update(model, None, optimizer, rows, trees, [], tokenizer, 2, random.Random(0), args)
         return optimizer.grads, units
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import warm_start
-from tests.handmade import DEMOS, PROMPT, SHAPES, demo_nll_by_hand, make_tree
+from tests.handmade import DEMOS, PROMPT, SHAPES, GradientRecorder, demo_nll_by_hand, make_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,19 +55,12 @@ def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
 
     tree = make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=3)
 
-    class Recorder:  # an optimizer that keeps the gradient it is asked to step with
-        def zero_grad(self):
-            model.zero_grad()
-
-        def step(self):
-            self.grads = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
-
     def update_gradient(policy_coef: float) -> torch.Tensor:
         args = train.Args(dtype="float32", gradient_checkpointing="off", policy_coef=policy_coef, demo_coef=1.0,
                           demo_batch=2, max_grad_norm=1e9)
         rows, _ = train.training_rows([tree], args)
         assert any(any(r["advantages"]) for r in rows)  # the tree has something for the ATPO loss to push
-        optimizer = Recorder()
+        optimizer = GradientRecorder(model)
         train.update(model, model, optimizer, rows, [tree], [[DEMOS[0]], [DEMOS[1]]], tokenizer, 2, random.Random(0), args)
         return optimizer.grads
 
@@ -92,18 +85,11 @@ def test_without_the_start_policy_the_update_is_the_same_and_logs_no_kl(model, t
         for p in start.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
 
-    class Recorder:
-        def zero_grad(self):
-            model.zero_grad()
-
-        def step(self):
-            self.grads = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
-
     def update(reference, log_kl_to_start: bool):
         args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, max_grad_norm=1e9,
                           log_kl_to_start=log_kl_to_start)
         rows, _ = train.training_rows([tree], args)
-        optimizer = Recorder()
+        optimizer = GradientRecorder(model)
         losses = train.update(model, reference, optimizer, rows, [tree], [], tokenizer, 2, random.Random(0), args)
         return losses, optimizer.grads
 

@@ -176,7 +176,7 @@ def fail(problems: list[str]) -> None:
 def check_args(args) -> Inputs:
     """Check `args` (train.Args, --dtype resolved); exit 2 with one line per problem, or return what was read."""
     problems = number_problems(args) + model_problems(args) + output_problems(args)
-    uses_demos = args.wants_sft() or args.demo_coef > 0
+    uses_demos = args.sft == "on" or args.demo_coef > 0
     demos = read_file(load_demos, args.sft_demos, "--sft-demos", problems) if uses_demos else None
     demo_problems(args, demos, problems)
     train_tasks = read_file(load_tasks, args.train_data, "--train-data", problems)

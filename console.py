@@ -97,7 +97,7 @@ def banner(args, train_questions: int, test_questions: int) -> str:
 
     return (f"atpo: {'SmolLM2-135M-Instruct (the default model)' if args.model == 'default' else args.model}, "
             f"{train_questions} training / {test_questions} test questions from {Path(args.train_data).parent}; "
-            f"{'a warm start on gold transcripts (cached after the first run), then ' if args.wants_sft() else ''}"
+            f"{'a warm start on gold transcripts (cached after the first run), then ' if args.sft == 'on' else ''}"
             f"{args.total_steps} RL steps x {args.prompts_per_step} questions, {args.expansion} trees of "
             f"{args.m + args.l * args.k} leaves"
             f"{f', plus {args.demo_batch} gold transcripts (x {args.demo_coef:g}) in every update' if args.demo_coef > 0 else ''}"

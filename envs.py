@@ -16,7 +16,7 @@ import re
 import string
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -348,10 +348,12 @@ class SearchEnv:
     max_turns: int = 6  # model turns per episode
     max_length: int = 8192  # prompt + response tokens
     format_penalty: float = 0.0  # subtracted from the reward of an episode that ends without an answer
+    seconds: float = field(default=0.0, init=False)  # time spent in step() so far, retrieval included
 
     def step(self, requests: list[StepRequest]) -> list[StepResult]:
         """Answer a batch of model turns (one per episode); every search of the batch goes to the retriever in
         one call. A turn ends the episode on an answer, EOS, the last allowed turn, or the length limit."""
+        start = time.time()
         texts = self.tokenizer.batch_decode([r.turn_ids for r in requests], skip_special_tokens=True)
         actions = [parse_action(t) for t in texts]
         searches = [
@@ -383,6 +385,7 @@ class SearchEnv:
                 continue
             info["observation"] = observation
             results.append(StepResult(obs_ids, False, None, info))
+        self.seconds += time.time() - start
         return results
 
     def _end(self, info: dict, reason: str, em: float | None = None, f1: float = 0.0) -> StepResult:

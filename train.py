@@ -160,8 +160,8 @@ class Args:
     """RL steps (0: build the warm start, evaluate, stop)"""
     lr: float = 1e-5
     """AdamW learning rate"""
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """AdamW with float32 moments (8 bytes a parameter), or bitsandbytes' 8-bit AdamW (2 bytes a parameter)"""
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"
+    """AdamW with float32 moments (8 bytes a parameter) or bitsandbytes' 8-bit AdamW (2); auto: adamw8bit on a GPU"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     num_minibatches: int = 1
@@ -172,14 +172,14 @@ class Args:
     """CPU threads of generation and training (0: every core; give two jobs on one CPU a share each)"""
     micro_batch: int = 2
     """trajectories (path) or whole trees (tree packing) per forward/backward, gradients accumulated"""
-    micro_batch_tokens: int = 0
-    """instead of --micro-batch: tokens per forward/backward, a larger tree split along its paths (0: off)"""
+    micro_batch_tokens: int | Literal["auto"] = "auto"
+    """tokens per forward/backward instead of --micro-batch (0: off), a tree split along its paths; auto: 2x --max-length on a GPU"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute activations in the backward; auto: only where they would outgrow the training state or memory"""
     logprob_chunk: int = 4096
     """positions per vocabulary projection of the loss's log-probs (a longer forward is chunked, recomputed in backward)"""
-    log_kl_to_start: bool = True
-    """log KL(pi || start policy) every step (keeps a frozen copy of the start policy; always with --kl-coef > 0)"""
+    log_kl_to_start: Literal["auto", "on", "off"] = "auto"
+    """log KL(pi || start policy) every step (keeps a float32 copy; on with --kl-coef > 0); auto: on a CPU only"""
 
     # evaluation and checkpoints
     eval_every: int = 20
@@ -193,12 +193,18 @@ class Args:
     save_trees_every: int = 10
     """save the step's rollout trees as JSON every N steps (0: never)"""
 
-    def __post_init__(self):
+    def __post_init__(self):  # the "auto"s that need nothing loaded; a GPU's memory levers are the README's plan
+        on_gpu = torch.cuda.is_available()
+        if self.sft == "auto":
+            self.sft = "on" if self.model == "default" else "off"
         if self.demo_coef is None:  # the gold transcripts of the warm start, where it runs
-            self.demo_coef = 1.0 if self.wants_sft() else 0.0
-
-    def wants_sft(self) -> bool:
-        return self.sft == "on" or (self.sft == "auto" and self.model == "default")
+            self.demo_coef = 1.0 if self.sft == "on" else 0.0
+        if self.optimizer == "auto":
+            self.optimizer = "adamw8bit" if on_gpu else "adamw"
+        if self.micro_batch_tokens == "auto":
+            self.micro_batch_tokens = 2 * self.max_length if on_gpu else 0
+        if self.log_kl_to_start == "auto":
+            self.log_kl_to_start = "off" if on_gpu else "on"
 
 
 def main(args: Args) -> None:
@@ -223,7 +229,7 @@ def main(args: Args) -> None:
     if args.overwrite_output_dir:
         start_over(output_dir)
     base_path = default_model_path() if args.model == "default" else args.model
-    sft_dir = warm_start.warm_start_dir(args) if args.wants_sft() else None
+    sft_dir = warm_start.warm_start_dir(args) if args.sft == "on" else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if args.resume:
         policy_path = str(last_checkpoint(output_dir))
@@ -249,7 +255,7 @@ def main(args: Args) -> None:
 
     # ---- the policy RL starts from, where it is used: the KL to it is logged and penalised with --kl-coef
     start_path = str(sft_dir) if sft_dir is not None else base_path
-    reference = load_policy(start_path, DEVICE).eval().requires_grad_(False) if args.log_kl_to_start or args.kl_coef > 0 else None
+    reference = load_policy(start_path, DEVICE).eval().requires_grad_(False) if args.log_kl_to_start == "on" or args.kl_coef > 0 else None
     pools = question_pools(train_tasks, args.balance_sources)
     demo_pools = warm_start.gold_transcripts(inputs.demos, args.demo_source) if args.demo_coef > 0 else []
     optimizer = adamw(model.parameters(), args.lr, args.optimizer)
@@ -278,15 +284,8 @@ def main(args: Args) -> None:
         t0 = time.time()
         step_rng = random.Random(args.seed * 1_000_003 + step)
         queues, wanted = step_queues(pools, args.prompts_per_step, step, step_rng)
-        env_seconds = [0.0]
-
-        def timed_step(requests):
-            start = time.time()
-            results = env.step(requests)
-            env_seconds[0] += time.time() - start
-            return results
-
-        grower = TreeGrower(engine.EngineSampler(llm, args, step_rng, args.temperature), timed_step, m=args.m, l=args.l,
+        env_start = env.seconds
+        grower = TreeGrower(engine.EngineSampler(llm, args, step_rng, args.temperature), env.step, m=args.m, l=args.l,
                             k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
         drawn, trees = draw_trees(queues, wanted, grower, lambda task: build_prompt(tokenizer, task.question),
                                   args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
@@ -320,7 +319,7 @@ def main(args: Args) -> None:
             "charts/leaves": len(rows),
             "charts/trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
             **losses,
-            "time/rollout": t_rollout, "time/env": env_seconds[0], "time/credit": t_credit, "time/train": t_train,
+            "time/rollout": t_rollout, "time/env": env.seconds - env_start, "time/credit": t_credit, "time/train": t_train,
             "time/sync": t_sync, "time/step": time.time() - step_start, "memory/resident_gib": engine.resident_gib(),
         }
         record["charts/tokens_per_s"] = record["charts/generated_tokens"] / record["time/step"]

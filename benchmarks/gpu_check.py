@@ -148,7 +148,7 @@ def update_memory(device: torch.device) -> bool:
     tree = random_tree(config.vocab_size, 22, rng, [300, 300, 300], 400, 600)
     args = train.Args(dtype=RECIPE["dtype"], gradient_checkpointing="on" if RECIPE["checkpointing"] else "off",
                       micro_batch_tokens=RECIPE["micro_batch_tokens"], logprob_chunk=RECIPE["logprob_chunk"],
-                      optimizer=optimizer_kind, demo_coef=0.0, log_kl_to_start=False, lr=1e-6)
+                      optimizer=optimizer_kind, demo_coef=0.0, log_kl_to_start="off", lr=1e-6)
     rows, _ = train.training_rows([tree], args)
     optimizer = learner.adamw(model.parameters(), args.lr, optimizer_kind)
     torch.cuda.synchronize()

@@ -173,6 +173,7 @@ def refused(tmp_path: Path, model: Path, url: str) -> list[tuple[list[str], list
         (["--num-minibatches", "99"], ["--num-minibatches 99 is more than the 4 trees"]),
         (["--max-turn-tokens", "2000"], ["--max-turn-tokens 2000 must be below --max-length 1024"]),
         (["--micro-batch-tokens", "1000"], ["--micro-batch-tokens 1000 must be 0 or at least --max-length 1024"]),
+        (["--micro-batch-tokens", "-1"], ["--micro-batch-tokens -1 must be 0 or at least --max-length 1024"]),
         (["--track", "--wandb-project", " "], ["--wandb-project"]),
         (["--model", "/nonexistent"], ["--model /nonexistent: no such model folder"]),
         (["--model", str(f["empty_model"])], [f"--model {f['empty_model']}: not a model folder, it has no config.json"]),

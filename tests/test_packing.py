@@ -233,7 +233,7 @@ def test_token_budget_micro_batches_take_the_same_gradient(model, tokenizer, pac
 
     def gradient(**flags):
         args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, max_grad_norm=1e9, packing=packing,
-                          log_kl_to_start=False, **flags)
+                          log_kl_to_start="off", **flags)
         rows, _ = train.training_rows(trees, args)
         groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if packing == "tree" else [[r] for r in rows]
         units = learner.micro_batches(groups, trees, args)

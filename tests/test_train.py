@@ -48,6 +48,23 @@ def test_demo_coef_defaults_to_on_only_where_the_warm_start_runs():
     assert tyro.cli(Args, args=["--sft", "off", "--demo-coef", "0.5"]).demo_coef == 0.5
 
 
+def test_the_memory_levers_default_to_the_readme_plan_on_a_gpu_and_stay_off_on_a_cpu(monkeypatch):
+    """--optimizer, --micro-batch-tokens and --log-kl-to-start "auto": on a CPU what the default run has always used
+    (AdamW, micro-batches by tree count, the KL to the start policy logged); where CUDA is there, the README's GPU plan
+    (8-bit AdamW, 2 x --max-length tokens a micro-batch, no start policy). A value given is kept on either."""
+    import tyro
+
+    from train import Args
+
+    cpu = Args()
+    assert (cpu.optimizer, cpu.micro_batch_tokens, cpu.log_kl_to_start, cpu.sft) == ("adamw", 0, "on", "on")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = tyro.cli(Args, args=["--max-length", "8192", "--model", "/my/model"])
+    assert (gpu.optimizer, gpu.micro_batch_tokens, gpu.log_kl_to_start, gpu.sft) == ("adamw8bit", 16384, "off", "off")
+    given = tyro.cli(Args, args=["--optimizer", "adamw", "--micro-batch-tokens", "0", "--log-kl-to-start", "on"])
+    assert (given.optimizer, given.micro_batch_tokens, given.log_kl_to_start) == ("adamw", 0, "on")
+
+
 def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
     """--policy-coef 0: the update's gradient is exactly the gold transcripts' cross-entropy (worked out here by a
     plain forward per transcript); with the default 1 the ATPO loss adds to it."""
@@ -73,7 +90,7 @@ def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
 
 
 def test_without_the_start_policy_the_update_is_the_same_and_logs_no_kl(model, tokenizer):
-    """--no-log-kl-to-start (and --kl-coef 0): no start policy is kept, the gradient is the one the update with it
+    """--log-kl-to-start off (and --kl-coef 0): no start policy is kept, the gradient is the one the update with it
     takes, and losses/kl_to_start is left out rather than logged as 0."""
     import copy
 
@@ -85,7 +102,7 @@ def test_without_the_start_policy_the_update_is_the_same_and_logs_no_kl(model, t
         for p in start.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
 
-    def update(reference, log_kl_to_start: bool):
+    def update(reference, log_kl_to_start: str):
         args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, max_grad_norm=1e9,
                           log_kl_to_start=log_kl_to_start)
         rows, _ = train.training_rows([tree], args)
@@ -93,8 +110,8 @@ def test_without_the_start_policy_the_update_is_the_same_and_logs_no_kl(model, t
         losses = train.update(model, reference, optimizer, rows, [tree], [], tokenizer, 2, random.Random(0), args)
         return losses, optimizer.grads
 
-    with_start, grads_with = update(start, True)
-    without, grads_without = update(None, False)
+    with_start, grads_with = update(start, "on")
+    without, grads_without = update(None, "off")
     assert with_start["losses/kl_to_start"] > 0 and "losses/kl_to_start" not in without
     assert torch.equal(grads_with, grads_without)
     assert {k: v for k, v in with_start.items() if k not in ("losses/kl_to_start", "time/old_log_prob")} == {

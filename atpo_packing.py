@@ -80,10 +80,14 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     keys = torch.cat([block_keys for _, _, block_keys, _ in blocks])
     sizes = [len(block_keys) for _, _, block_keys, _ in blocks]
     block_key_rows, block_value_rows = key.index_select(2, keys).split(sizes, 2), value.index_select(2, keys).split(sizes, 2)
+    groups = query.shape[1] // key.shape[1]
+    expand = query.is_cuda and groups > 1  # CUDA's memory-efficient kernel takes no enable_gqa (math would run, in float32)
     outputs = []
     for (first, end, _, mask), k, v in zip(blocks, block_key_rows, block_value_rows):
+        if expand:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, first:end], k, v, attn_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1]))
+            query[:, :, first:end], k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1 and not expand))
     return torch.cat(outputs, dim=2)
 
 

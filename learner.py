@@ -43,9 +43,10 @@ def register_tree_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_blocks=None, **kwargs):
-        if tree_blocks is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        return tree_attention(query, key, value, tree_blocks, scaling).transpose(1, 2).contiguous(), None  # [B, N, H, D]
+        with safe_attention(query.device):  # here, not around the forward: a checkpoint's recompute runs in the backward
+            if tree_blocks is None:
+                return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return tree_attention(query, key, value, tree_blocks, scaling).transpose(1, 2).contiguous(), None  # [B, N, H, D]
 
     AttentionInterface.register(TREE_ATTENTION, attention)
     AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
@@ -114,7 +115,7 @@ def fit_checkpointing(model, tokens: int, mode: str, dtype: str) -> None:
 def response_log_probs(model, unit: list[dict], trees: list, args, pad_id: int) -> torch.Tensor:
     """log pi of every response token of the unit's rows (train.training_rows): [B, T] float32, junk where the
     response mask is 0. By path, one padded row per trajectory; by tree, the unit's trees packed into one row."""
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"), safe_attention():
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
         if args.packing == "tree":
             order = list(dict.fromkeys(r["tree"] for r in unit))  # the unit's trees, in the order of its rows
             leaves = [[r["traj"].leaf for r in unit if r["tree"] == t] for t in order]
@@ -134,12 +135,12 @@ def response_log_probs(model, unit: list[dict], trees: list, args, pad_id: int) 
         return full.gather(1, pad(index, 0, torch.long).to(DEVICE))
 
 
-def safe_attention():
+def safe_attention(device: torch.device):
     """On CUDA, masked attention by the memory-efficient or the math kernel, never cuDNN's: with a boolean mask it has
     given NaN gradients at some lengths on Hopper (pytorch#196678). A no-op on the CPU."""
     import contextlib
 
-    if DEVICE.type != "cuda":
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

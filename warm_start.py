@@ -20,7 +20,7 @@ import torch
 from console import progress_bar
 from default_model import cache_dir, default_model_path
 from envs import build_prompt, read_jsonl
-from learner import fit_checkpointing, pad, safe_attention, token_log_probs
+from learner import fit_checkpointing, pad, token_log_probs
 
 ONE_HOP = "default-1hop"  # the data source of the default task's single-hop questions
 
@@ -76,7 +76,7 @@ def demo_nll(model, rows: list[dict], tokens: int, args, device: torch.device, p
     attention_mask = pad([[1] * len(r["ids"]) for r in rows], 0, torch.long).to(device)
     loss_mask = pad([r["loss_mask"] for r in rows], 0, torch.long).to(device)
     fit_checkpointing(model, ids.numel(), args.gradient_checkpointing, args.dtype)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"), safe_attention():
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
         log_probs = token_log_probs(model, ids, attention_mask, loss_mask, 1.0, args.logprob_chunk)
     return -log_probs.sum() / tokens
 

@@ -71,7 +71,7 @@ def number_problems(args) -> list[str]:
     if args.max_turn_tokens >= args.max_length:
         problems.append(f"--max-turn-tokens {args.max_turn_tokens} must be below --max-length {args.max_length}")
     if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("--optimizer adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50'")
+        problems.append("--optimizer adamw8bit (auto's choice on a GPU) needs bitsandbytes: pip install 'bitsandbytes>=0.50', or --optimizer adamw")
     if args.track and not args.wandb_project.strip():
         problems.append("--wandb-project must not be empty with --track")
     return problems

@@ -66,6 +66,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert problems(capsys, output_dir=out) == []  # the defaults are valid
 
 
+def test_the_8bit_optimizer_without_bitsandbytes_is_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    out = str(tmp_path / "run")
+    assert problems(capsys, optimizer="adamw8bit", output_dir=out) == []  # installed here
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    assert problems(capsys, optimizer="adamw8bit", output_dir=out) == [
+        "error: --optimizer adamw8bit (auto's choice on a GPU) needs bitsandbytes: pip install 'bitsandbytes>=0.50', or --optimizer adamw"]
+    assert problems(capsys, optimizer="adamw", output_dir=out) == []
+
+
 def test_what_the_checks_read_is_passed_on(tmp_path):
     from checks import check_args
     from envs import load_tasks, read_corpus

@@ -16,15 +16,19 @@ def test_without_a_gpu_it_says_so_and_exits_0():
     assert proc.returncode == 0 and proc.stdout.strip().startswith("no GPU") and proc.stderr.strip() == ""
 
 
-def test_the_packed_vs_path_check_passes_on_the_cpu(capsys):
-    from benchmarks.gpu_check import PROMPT, TURNS, packed_equals_path, random_tree
-
-    assert packed_equals_path(torch.device("cpu"))
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["PASS  packed = path-by-path, float32", "PASS  packed = path-by-path, bfloat16"]
+def test_the_packed_vs_path_check_passes_on_the_cpu(capsys, monkeypatch):
     import random
 
-    tree = random_tree(2048, 6, random.Random(0), TURNS, 128, PROMPT)
+    from benchmarks import gpu_check
+
+    tree = gpu_check.random_tree(2048, 6, random.Random(0), gpu_check.TURNS, gpu_check.OBSERVATION, gpu_check.PROMPT)
     lengths = [len(tree.prompt_ids) + len(r.response_ids) for r in tree.trajectories()]
     assert len(tree.leaves()) == 6 and any(n % 128 == 64 for n in lengths)  # the lengths the check is about
     assert {tree.nodes[leaf].reward for leaf in tree.leaves()} == {0.0, 1.0}
+    # the check itself, as written, on shorter nodes (the GPU's lengths take minutes on a CPU)
+    monkeypatch.setattr(gpu_check, "PROMPT", 16)
+    monkeypatch.setattr(gpu_check, "TURNS", [16, 32, 48])
+    monkeypatch.setattr(gpu_check, "OBSERVATION", 16)
+    assert gpu_check.packed_equals_path(torch.device("cpu"))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["PASS  packed = path-by-path, float32", "PASS  packed = path-by-path, bfloat16"]

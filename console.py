@@ -102,7 +102,8 @@ def banner(args, train_questions: int, test_questions: int) -> str:
             f"{args.m + args.l * args.k} leaves"
             f"{f', plus {args.demo_batch} gold transcripts (x {args.demo_coef:g}) in every update' if args.demo_coef > 0 else ''}"
             f"{'; no RL gradient (--policy-coef 0)' if args.policy_coef == 0 else ''}; "
-            f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}; output in {args.output_dir}")
+            f"{args.dtype} on {'the GPU' if torch.cuda.is_available() else 'the CPU'}, rollouts by "
+            f"{'vLLM' if args.engine == 'vllm' else 'the policy itself (transformers)'}; output in {args.output_dir}")
 
 
 def progress_bar(**kwargs):

@@ -294,6 +294,7 @@ class Action(NamedTuple):
     content: str  # the query or the answer; for invalid, why
 
 
+STOP = ["</search>", "</answer>"]  # a turn ends at the first of these, kept in the turn (both engines stop there)
 TAGS = ("<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
 
 

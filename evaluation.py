@@ -7,7 +7,6 @@ import random
 from atpo_tree import Tree, grow_trees
 from batches import is_uniform
 from console import progress_bar
-from engine import EngineSampler
 from envs import SearchEnv, Task, build_prompt
 
 
@@ -45,11 +44,11 @@ def episode_record(task: Task, turns: list) -> dict[str, float]:
     return record
 
 
-def evaluate(llm, env: SearchEnv, tokenizer, tasks: list[Task], args, temperature: float, seed: int,
+def evaluate(rollout_engine, env: SearchEnv, tokenizer, tasks: list[Task], temperature: float, seed: int,
              desc: str = "evaluation") -> dict[str, float]:
     """One episode per question (greedy when temperature is 0); the mean of each episode_record entry."""
     prompts = [build_prompt(tokenizer, t.question) for t in tasks]
-    sampler = EngineSampler(llm, args, random.Random(seed), temperature)
+    sampler = rollout_engine.sampler(random.Random(seed), temperature)
     with progress_bar(total=len(tasks), desc=desc, unit="question", leave=False) as bar:
         def step(requests):
             results = env.step(requests)

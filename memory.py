@@ -4,13 +4,17 @@ out. The README's GPU table is this file's output:
     .venv/bin/python memory.py        # Qwen2.5-3B-Instruct and Qwen3-4B with the README's GPU recipe
 
 Two moments matter: the rollout (the trainer's weights and optimizer state stay, the engine generates) and the
-update (the engine asleep with --sleep-engine, gradients, activations and one chunk of logits on top). Not counted:
-the CUDA context, vLLM's CUDA-graph pool and the allocator's fragmentation; the margin is for them.
+update in its steady state (the engine asleep with --sleep-engine; the optimizer state there since the first step;
+the gradients of the micro-batches before, autocast's bfloat16 copies of the weights that a forward caches, its
+activations and one chunk of logits on top). vLLM's CUDA-graph pool stays while the engine sleeps: an allowance of
+GRAPH_POOL_GIB (vLLM logs its real size at start). Not counted: the CUDA context and the allocator's fragmentation;
+the margin is for them.
 """
 
 from learner import ACTIVATION_BYTES, OPTIMIZER_BYTES
 
 GIB = 2**30
+GRAPH_POOL_GIB = 1.0  # an allowance for vLLM's CUDA-graph pool, not a measurement
 # the configs of the two models the README's recipe names (their config.json; parameters counted from it)
 MODELS = {
     "Qwen2.5-3B-Instruct": {"parameters": 3_085_938_688, "layers": 36, "hidden": 2048, "vocab": 151_936},
@@ -30,14 +34,15 @@ def training_memory(parameters: int, layers: int, hidden: int, vocab: int, *, dt
     else:
         activations = ACTIVATION_BYTES[dtype] * hidden * tokens * layers
     engine = {"vLLM weights (bfloat16)": 2 * parameters, "vLLM KV cache (--kv-cache-gb)": int(kv_cache_gb * GIB)}
-    casts = 2 * parameters if dtype == "bfloat16" and not checkpointing else 0  # autocast's bf16 weight copies, kept
     kept = {"policy weights (float32)": 4 * parameters, f"optimizer state ({optimizer})": OPTIMIZER_BYTES[optimizer] * parameters,
-            "start policy (float32, --log-kl-to-start)": 4 * parameters if start_policy else 0}
+            "start policy (float32, --log-kl-to-start)": 4 * parameters if start_policy else 0,
+            "vLLM CUDA-graph pool (an allowance; kept asleep)": int(GRAPH_POOL_GIB * GIB)}
     return {
         "rollout": {**kept, **engine},
         "update": {**kept, **({k: 0 for k in engine} if sleep_engine else engine),
-                   "gradients (float32)": 4 * parameters,
-                   "activations kept for the backward (--micro-batch-tokens)": activations + casts,
+                   "gradients (float32, from the micro-batches before)": 4 * parameters,
+                   "autocast's weight copies (bfloat16, during a forward)": 2 * parameters if dtype == "bfloat16" else 0,
+                   "activations kept for the backward (--micro-batch-tokens)": activations,
                    # the chunk's logits in the compute dtype, then float32 logits, log-softmax and their gradient
                    "log-prob logits, one chunk (--logprob-chunk)": logprob_chunk * vocab * (2 + 4 + 4 + 4)},
     }

@@ -86,7 +86,7 @@ def real_trees(count: int):
     args = train.Args(dtype=engine.resolve_dtype("auto"))
     warm = warm_start_dir(args)
     path = str(warm) if (warm / "report.json").exists() else default_model_path()
-    llm = engine.start_engine(path, args)
+    rollout_engine = engine.VllmEngine(path, args)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -94,7 +94,7 @@ def real_trees(count: int):
     tasks = random.Random(0).sample(load_tasks(DEFAULT_TASK_DIR / "train.jsonl"), count)
     rng = random.Random(0)
     trees = grow_trees([build_prompt(tokenizer, t.question) for t in tasks], tasks,
-                       engine.EngineSampler(llm, args, rng, args.temperature), env.step, m=args.m, l=args.l, k=args.k, rng=rng)
+                       rollout_engine.sampler(rng, args.temperature), env.step, m=args.m, l=args.l, k=args.k, rng=rng)
     for tree in trees:
         tree.task = None  # picklable for the children
     return trees, path

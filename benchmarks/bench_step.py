@@ -108,7 +108,8 @@ def main() -> None:
     path = policy_path or default_model_path()
     settings = train.Args(dtype=engine.resolve_dtype("auto"))
     engine.set_threads(settings.threads)
-    llm = engine.start_engine(path, settings)  # before bm25s is imported (see train.py)
+    rollout_engine = engine.VllmEngine(path, settings)  # before bm25s is imported (see train.py)
+    llm = rollout_engine.llm
     tokenizer = AutoTokenizer.from_pretrained(path)
     env = SearchEnv(tokenizer, BM25Retriever(DEFAULT_TASK_DIR / "corpus.jsonl"), max_turns=settings.max_turns,
                     max_length=settings.max_length)
@@ -131,7 +132,7 @@ def main() -> None:
                            mode="entropy", rng=random.Random(0))
         return trees, time.perf_counter() - start, sum(len(n.token_ids) for t in trees for n in t.nodes)
 
-    class Recording(engine.EngineSampler):
+    class Recording(engine.VllmSampler):
         def submit(self, context):
             contexts.append(context)
             return super().submit(context)
@@ -139,7 +140,7 @@ def main() -> None:
     contexts = []  # every turn's context, in the order the rollout submitted them
     trees, rollout_seconds, rollout_tokens = rollout(Recording(llm, settings, random.Random(0), settings.temperature))
     # the previous rollout: every live branch of every tree advances one turn per batch (turn depths in lockstep)
-    one_by_one, batches = engine.EngineSampler(llm, settings, random.Random(0), settings.temperature), []
+    one_by_one, batches = engine.VllmSampler(llm, settings, random.Random(0), settings.temperature), []
 
     def lockstep_batch(batch):
         batches.append(len(batch))
@@ -148,7 +149,7 @@ def main() -> None:
     _, lockstep_seconds, lockstep_tokens = rollout(BatchSampler(lockstep_batch))
     llm.reset_prefix_cache()
     start = time.perf_counter()
-    plain_tokens = sum(len(ids) for ids, _ in sample_all(engine.EngineSampler(llm, settings, random.Random(0), settings.temperature), contexts))
+    plain_tokens = sum(len(ids) for ids, _ in sample_all(engine.VllmSampler(llm, settings, random.Random(0), settings.temperature), contexts))
     plain_seconds = time.perf_counter() - start
     rollout_speed, plain_speed = rollout_tokens / rollout_seconds, plain_tokens / plain_seconds
     print(f"rollout, {args.questions} trees of train.py's defaults: {rollout_tokens} tokens in {rollout_seconds:.1f} s, "
@@ -189,7 +190,7 @@ def main() -> None:
         for mode in results:
             rng = random.Random(repeat)
             start = time.perf_counter()
-            grown = grow_trees(prompts, tasks, engine.EngineSampler(llm, settings, rng, 1.0), env.step,
+            grown = grow_trees(prompts, tasks, engine.VllmSampler(llm, settings, rng, 1.0), env.step,
                                m=settings.m, l=settings.l, k=settings.k, mode=mode, rng=rng)
             seconds = time.perf_counter() - start
             assert all(len(t.leaves()) == leaves for t in grown)

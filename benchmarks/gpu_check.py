@@ -2,16 +2,20 @@
 
     .venv/bin/python -m benchmarks.gpu_check          (from the repository root; "no GPU" and exit 0 where there is none)
 
-Trainer half (torch + transformers only):
+Trainer half (torch + transformers; tyro and bitsandbytes carried as wheels where missing):
   1. a random Qwen3-shaped model (grouped-query attention, 4 layers) from a config: packed vs path-by-path log-probs
      and gradients equal, in float32 and bfloat16, with node and row lengths of 64 mod 128; a boolean-masked SDPA backward
      finite under each backend learner.safe_attention allows (cuDNN's result is shown, not judged: it is the one excluded);
-  2. a Qwen3-4B-sized model from its config with the recipe's dtype and optimizer (memory.RECIPE): one update of a
-     22-leaf tree over the token budget, torch.cuda.max_memory_allocated against memory.py's update total.
+  2. a Qwen3-4B-sized model from its config with the recipe's dtype and optimizer (memory.RECIPE): two updates of a
+     40-leaf tree over the token budget (several micro-batches); the second, in the steady state (gradients of the
+     micro-batch before and the optimizer state present), torch.cuda.max_memory_allocated against memory.py's total;
+  3. train.py for 2 steps with --engine transformers (no vLLM) on a Qwen3-shaped model and a BPE tokenizer built on
+     the spot from the default corpus, against a retrieval server on loopback: the whole loop on the GPU.
 Engine half, where vLLM is installed (the default model):
-  3. after a weight push vLLM's log-probs equal the trainer's;
-  4. sleep (level 2) frees the engine's memory, wake-up and a push restore it, log-probs again equal;
-  5. train.py for 2 steps with no skipped update.
+  4. after a weight push vLLM's log-probs equal the trainer's;
+  5. sleep (level 2) frees the engine's memory, wake-up and a push restore it, log-probs again equal;
+  6. the engine starts beside a resident Qwen3-4B-sized trainer (weights and 8-bit optimizer state allocated first);
+  7. train.py for 2 steps with no skipped update.
 """
 
 import json
@@ -144,12 +148,13 @@ def update_memory(device: torch.device) -> bool:
     model.train()
     parameters = sum(p.numel() for p in model.parameters())
     rng = random.Random(1)
-    tree = random_tree(config.vocab_size, 22, rng, [300, 300, 300], 400, 600)
+    tree = random_tree(config.vocab_size, 40, rng, [300, 300, 300], 400, 600)
     args = train.Args(dtype=RECIPE["dtype"], gradient_checkpointing="on" if RECIPE["checkpointing"] else "off",
                       micro_batch_tokens=RECIPE["micro_batch_tokens"], logprob_chunk=RECIPE["logprob_chunk"],
                       optimizer=optimizer_kind, demo_coef=0.0, log_kl_to_start="off", lr=1e-6)
     rows, _ = train.training_rows([tree], args)
     optimizer = learner.adamw(model.parameters(), args.lr, optimizer_kind)
+    train.update(model, None, optimizer, rows, [tree], [], None, 0, rng, args)  # the first: the optimizer state appears
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.time()
@@ -160,20 +165,72 @@ def update_memory(device: torch.device) -> bool:
                            **{**RECIPE, "optimizer": optimizer_kind})["update"]
     predicted = sum(plan.values())
     units = len(learner.micro_batches([rows], [tree], args))
-    return say(f"Qwen3-4B-sized update ({optimizer_kind}, {units} units of <= {args.micro_batch_tokens} tokens)",
-               peak <= predicted and losses["losses/skipped_updates"] == 0,
+    return say(f"Qwen3-4B-sized update, steady state ({optimizer_kind}, {units} units of <= {args.micro_batch_tokens} tokens)",
+               units >= 2 and peak <= predicted and losses["losses/skipped_updates"] == 0,
                f"peak {peak / GIB:.1f} GiB, predicted {predicted / GIB:.1f} GiB, {time.time() - start:.0f} s, "
                f"grad norm {losses['losses/grad_norm']:.3g}")
 
 
+def small_model_folder(folder: Path) -> None:
+    """A Qwen3-shaped model with random weights and a 4,096-token byte-level BPE trained on the default corpus, with a
+    ChatML template: a model folder as train.py takes one, made here with nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+
+    from envs import DEFAULT_TASK_DIR, INSTRUCTION, read_corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    texts = [INSTRUCTION] + [doc["contents"] for doc in read_corpus(DEFAULT_TASK_DIR / "corpus.jsonl")]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(folder)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+def transformers_train_steps(device: torch.device) -> bool:
+    """Check 3 (on the CPU too, where train.py then runs there)."""
+    import importlib.util
+
+    from tests.test_checks import server_refusing_topk_above
+
+    optimizer = "adamw8bit" if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") else "adamw"
+    with tempfile.TemporaryDirectory() as out, server_refusing_topk_above(10) as url:
+        small_model_folder(Path(out) / "model")
+        # random weights give every leaf reward 0: uniform trees kept, a KL term so that every update runs
+        proc = subprocess.run([sys.executable, "train.py", "--engine", "transformers", "--model", f"{out}/model",
+                               "--retrieval-url", url, "--total-steps", "2", "--prompts-per-step", "2", "--m", "2", "--l", "1",
+                               "--k", "2", "--max-turns", "3", "--max-turn-tokens", "32", "--eval-questions", "2",
+                               "--no-drop-uniform-trees", "--kl-coef", "0.01", "--optimizer", optimizer,
+                               "--output-dir", f"{out}/run"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+        rows = [json.loads(line) for line in Path(f"{out}/run/metrics.jsonl").read_text().splitlines()] if proc.returncode == 0 else []
+        steps = [r for r in rows if "losses/policy" in r]
+        skipped = sum(r["losses/skipped_updates"] for r in steps)
+        tokens = sum(r["charts/generated_tokens"] for r in steps)
+        on = "the GPU" if device.type == "cuda" else "the CPU"
+        return say(f"train.py --engine transformers, 2 steps on {on} (Qwen3-shaped, {optimizer})",
+                   proc.returncode == 0 and len(steps) == 2 and skipped == 0 and tokens > 0 and f"on {on}" in proc.stdout,
+                   f"exit {proc.returncode}, {len(steps)} steps, {tokens} tokens generated, {skipped} skipped updates"
+                   + ("" if proc.returncode == 0 else f": {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"))
+
+
 def engine_half() -> bool:
-    """Checks 3-5, each in a child process (vLLM binds the process it runs in)."""
-    proc = subprocess.run([sys.executable, "-c", ENGINE_CODE], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    print("\n".join(lines), flush=True)
-    ok = proc.returncode == 0 and len(lines) == 2 and not any(line.startswith("FAIL") for line in lines)
-    if proc.returncode != 0:
-        say("engine checks", False, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    """Checks 4-7, in child processes (vLLM binds the process it runs in)."""
+    ok = True
+    for code, count in ((ENGINE_CODE, 2), (BESIDE_TRAINER_CODE, 1)):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+        print("\n".join(lines), flush=True)
+        ok &= proc.returncode == 0 and len(lines) == count and not any(line.startswith("FAIL") for line in lines)
+        if proc.returncode != 0:
+            say("engine checks", False, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run([sys.executable, "train.py", "--total-steps", "2", "--eval-questions", "0", "--sft-steps", "2",
                                "--sft-eval-questions", "2", "--save-every", "100", "--output-dir", f"{out}/run"],
@@ -198,7 +255,8 @@ from vllm.inputs import TokensPrompt
 path = default_model_path()
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = load_policy(path, torch.device("cuda"))
-llm = engine.start_engine(path, train.Args(dtype="bfloat16", max_length=256))
+rollout_engine = engine.VllmEngine(path, train.Args(dtype="bfloat16", max_length=256))
+llm = rollout_engine.llm
 ids = tokenizer.encode("<think> I need to look up Mobin Pigubor. </think>\\n<search> Mobin Pigubor </search>")
 
 def gap():
@@ -214,17 +272,36 @@ with torch.no_grad():
         if "layers.3." in name or "embed_tokens" in name:
             p.add_(torch.randn_like(p) * 0.02)
 stale = gap()
-engine.push_weights(llm, model, torch.bfloat16)
+rollout_engine.push_weights(model)
 synced = gap()
 say("weight push: vLLM's log-probs = the trainer's (bf16)", synced < 0.05 < stale, f"max gap {synced:.3f} after, {stale:.3f} before")
 free = torch.cuda.mem_get_info()[0]
 llm.sleep(level=2)
 freed = torch.cuda.mem_get_info()[0] - free
-engine.push_weights(llm, model, torch.bfloat16, asleep=True)
+rollout_engine.push_weights(model, asleep=True)
 back = free - torch.cuda.mem_get_info()[0]
 after = gap()
 say("sleep (level 2) and wake-up", freed > 0.5 * 2**30 and abs(back) < 0.5 * 2**30 and after < 0.05,
     f"freed {freed / 2**30:.2f} GiB, {back / 2**30:+.2f} GiB against before sleep after waking, max gap {after:.3f}")
+"""
+
+BESIDE_TRAINER_CODE = """
+import engine, torch, train
+from benchmarks.gpu_check import say
+from default_model import default_model_path
+from memory import MODELS, RECIPE, training_memory
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+path = default_model_path()
+kept = training_memory(**MODELS["Qwen3-4B"], **RECIPE)["rollout"]
+resident = torch.empty(kept["policy weights (float32)"] + kept["optimizer state (adamw8bit)"], dtype=torch.uint8, device="cuda")
+free, total = torch.cuda.mem_get_info()
+second = engine.VllmEngine(path, train.Args(dtype="bfloat16", max_length=256))
+out = second.llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=8), use_tqdm=False)[0]
+say("engine start beside a resident Qwen3-4B-sized trainer", len(out.outputs[0].token_ids) > 0,
+    f"{resident.nbytes / 2**30:.1f} GiB resident, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free at start "
+    f"(vLLM's default 0.92 would ask {0.92 * total / 2**30:.1f}), generated {len(out.outputs[0].token_ids)} tokens")
 """
 
 
@@ -236,7 +313,8 @@ def main() -> None:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     ok = True
-    for name, check in (("packed = path-by-path", packed_equals_path), ("Qwen3-4B-sized update", update_memory)):
+    for name, check in (("packed = path-by-path", packed_equals_path), ("Qwen3-4B-sized update", update_memory),
+                        ("train.py --engine transformers", transformers_train_steps)):
         try:
             ok &= check(device)
         except Exception as err:  # one FAIL line with the error, and the checks after it still run

@@ -82,3 +82,12 @@ class GradientRecorder:
 
     def step(self):
         self.grads = torch.cat([p.grad.flatten().clone() for p in self.model.parameters()])
+
+
+def env_without_vllm(folder, base: dict) -> dict:
+    """`base` with a sitecustomize on PYTHONPATH that hides vLLM from the child process: `import vllm` raises
+    ImportError and importlib finds no spec for it, as on a machine where it has no wheel."""
+    from pathlib import Path
+
+    (Path(folder) / "sitecustomize.py").write_text('import sys\nsys.modules["vllm"] = None  # vLLM hidden\n')
+    return {**base, "PYTHONPATH": str(folder)}

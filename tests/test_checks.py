@@ -78,6 +78,25 @@ def test_the_8bit_optimizer_without_bitsandbytes_is_one_line(tmp_path, capsys, m
     assert problems(capsys, optimizer="adamw", output_dir=out) == []
 
 
+def test_the_vllm_engine_where_vllm_cannot_be_imported_is_one_line_and_auto_picks_transformers(tmp_path, weightless_model):
+    """A child process that cannot import vLLM: --engine vllm is refused in one line naming --engine transformers,
+    before anything loads; --engine auto passes the checks and says transformers (then fails at the empty weights)."""
+    import os
+
+    from tests.handmade import env_without_vllm
+
+    env = env_without_vllm(tmp_path, os.environ)
+    refused = subprocess.run([sys.executable, "train.py", "--engine", "vllm", "--model", str(weightless_model), "--output-dir",
+                              str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [
+        "error: --engine vllm: vLLM is not installed here (it has no wheel for macOS or Windows): use --engine transformers"]
+    auto = subprocess.run([sys.executable, "train.py", "--model", str(weightless_model), "--output-dir", str(tmp_path / "run")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert auto.returncode == 1 and "safetensors" in auto.stderr
+    assert auto.stdout.startswith("atpo: ") and "rollouts by the policy itself (transformers)" in auto.stdout.splitlines()[0]
+
+
 def test_what_the_checks_read_is_passed_on(tmp_path):
     from checks import check_args
     from envs import load_tasks, read_corpus

@@ -39,7 +39,8 @@ def sync_check(enforce_eager: bool) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     args = train.Args(dtype="float32", max_length=256, enforce_eager=enforce_eager)
-    llm = engine.start_engine(path, args)
+    rollout_engine = engine.VllmEngine(path, args)
+    llm = rollout_engine.llm
     ids = tokenizer.encode("<think> I need to look up Mobin Pigubor. </think>\n<search> Mobin Pigubor </search>")
 
     def vllm_log_probs() -> torch.Tensor:
@@ -57,7 +58,7 @@ def sync_check(enforce_eager: bool) -> None:
             if "layers.3." in name or "layers.17." in name or "embed_tokens" in name:
                 p.add_(torch.randn_like(p) * 0.02)
     stale = (vllm_log_probs() - trainer_log_probs()).abs().max().item()
-    engine.push_weights(llm, model, torch.float32)
+    rollout_engine.push_weights(model)
     synced = (vllm_log_probs() - trainer_log_probs()).abs().max().item()
     print(json.dumps({"start": start, "stale": stale, "synced": synced}))
 

@@ -32,3 +32,12 @@ def test_the_packed_vs_path_check_passes_on_the_cpu(capsys, monkeypatch):
     assert gpu_check.packed_equals_path(torch.device("cpu"))
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["PASS  packed = path-by-path, float32", "PASS  packed = path-by-path, bfloat16"]
+
+
+def test_the_transformers_engine_check_runs_train_py_as_written_on_the_cpu(capsys):
+    """Check 3 as written: a Qwen3-shaped model and a BPE tokenizer made on the spot, two train.py steps with
+    --engine transformers against a loopback retrieval server (here on the CPU; on the GPU where one is lent)."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.transformers_train_steps(torch.device("cpu"))
+    assert capsys.readouterr().out.startswith("PASS  train.py --engine transformers, 2 steps on the CPU (Qwen3-shaped, adamw): exit 0, 2 steps")

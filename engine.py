@@ -10,13 +10,11 @@ import os
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
 os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL's matmuls the same run to run (else they vary with memory alignment)
 
-import ctypes
 import importlib.util
 import itertools
 import random
 import shutil
 
-import psutil
 import torch
 
 from console import harmless_stderr_hidden
@@ -162,16 +160,3 @@ class VllmSampler:
                 return [(out.request_id, list(out.outputs[0].token_ids),
                          [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]) for out in done]
         return []
-
-
-def release_freed_memory() -> None:
-    """Hand back to the OS what glibc keeps of the step's freed tensors (else resident memory grows step by step)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
-def resident_gib() -> float:
-    """This process's resident memory now, in GiB."""
-    return psutil.Process().memory_info().rss / 2**30

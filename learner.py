@@ -36,8 +36,9 @@ def load_policy(path: str, device: torch.device):
 
 
 def register_tree_attention() -> None:
-    """Attention "atpo_tree" for transformers: tree attention in a tree-packed forward (`tree_blocks` given), exactly
-    sdpa (same masks, same kernel) in every other forward."""
+    """Attention "atpo_tree" for transformers: tree attention in a tree-packed forward (`tree_blocks` given), grouped-
+    query SDPA in a sampling forward of transformers_engine (`decoding`), exactly sdpa (same masks, same kernel) in
+    every other forward."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -46,8 +47,9 @@ def register_tree_attention() -> None:
         with safe_attention(query.device):  # here, not around the forward: a checkpoint's recompute runs in the backward
             if decoding:  # transformers_engine's steps: grouped key/value heads read as they are, not copied per query head
                 mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
+                causal = mask is None and query.shape[2] > 1  # transformers drops a mask that is plain causal, as for sdpa
                 out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                                       enable_gqa=True)
+                                                                       is_causal=causal, enable_gqa=True)
                 return out.transpose(1, 2).contiguous(), None  # [B, N, H, D]
             if tree_blocks is None:
                 return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

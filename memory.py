@@ -1,5 +1,5 @@
 """What a run keeps in accelerator memory, part by part: a model's size and config and train.py's flags in, bytes
-out. The README's GPU table is this file's output:
+out (and this process's own memory: read, and freed memory handed back). The README's GPU table is this file's output:
 
     .venv/bin/python memory.py        # Qwen2.5-3B-Instruct and Qwen3-4B with the README's GPU recipe
 
@@ -10,6 +10,10 @@ activations and one chunk of logits on top). vLLM's CUDA-graph pool stays while 
 GRAPH_POOL_GIB (vLLM logs its real size at start). Not counted: the CUDA context and the allocator's fragmentation;
 the margin is for them.
 """
+
+import ctypes
+
+import psutil
 
 from learner import ACTIVATION_BYTES, OPTIMIZER_BYTES
 
@@ -63,6 +67,19 @@ def table(gpu_gib: float = 79.0) -> str:
     lines.append("| **total** | " + " | ".join(f"**{t:.1f}**" for t in totals) + " |")
     lines.append(f"| margin on {gpu_gib:g} GiB | " + " | ".join(f"{gpu_gib - t:.1f}" for t in totals) + " |")
     return "\n".join(lines)
+
+
+def release_freed_memory() -> None:
+    """Hand back to the OS what glibc keeps of the step's freed tensors (else resident memory grows step by step)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+def resident_gib() -> float:
+    """This process's resident memory now, in GiB."""
+    return psutil.Process().memory_info().rss / 2**30
 
 
 if __name__ == "__main__":

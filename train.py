@@ -39,6 +39,7 @@ from default_model import default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, build_prompt
 from evaluation import evaluate, held_out, mean, rollout_stats
 from learner import DEVICE, adamw, clip_and_step, load_policy, micro_batches, pad, response_log_probs
+from memory import release_freed_memory, resident_gib
 
 MAX_NONFINITE_IN_A_ROW = 3  # steps whose update had a non-finite loss or gradient, in a row, before the run stops
 
@@ -312,7 +313,7 @@ def main(args: Args) -> None:
         if trees or asleep:
             rollout_engine.push_weights(model, asleep)
         t_sync = time.time() - t0
-        engine.release_freed_memory()
+        release_freed_memory()
 
         # ---- 5. log and checkpoint
         record = {
@@ -323,7 +324,7 @@ def main(args: Args) -> None:
             "charts/trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
             **losses,
             "time/rollout": t_rollout, "time/env": env.seconds - env_start, "time/credit": t_credit, "time/train": t_train,
-            "time/sync": t_sync, "time/step": time.time() - step_start, "memory/resident_gib": engine.resident_gib(),
+            "time/sync": t_sync, "time/step": time.time() - step_start, "memory/resident_gib": resident_gib(),
         }
         record["charts/tokens_per_s"] = record["charts/generated_tokens"] / record["time/step"]
         run_log.log(record)

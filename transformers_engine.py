@@ -21,7 +21,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from envs import STOP
+from memory import release_freed_memory
 
+PREFILL_TOKENS = 8192  # rows x widest context a forward may prefill at most: bounds its activations
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) of some tokens, each [heads, tokens, head dim]
 
 
@@ -115,31 +117,46 @@ class TransformersSampler:
             self.model.train(was_training)
 
     def forward(self) -> torch.Tensor:
-        """One forward: every live row's last sampled token, and the queued turns that fit the KV budget prefilled in
-        the same forward. Returns the next-token logits of every row, [B, V]."""
-        joining = []
-        longest = max((len(r.context) + r.max_tokens for r in self.rows), default=0)
-        while self.queued:
-            longest = max(longest, len(self.queued[0].context) + self.queued[0].max_tokens)
-            if (self.rows or joining) and (len(self.rows) + len(joining) + 1) * longest * self.bytes_per_token > self.budget:
-                break
-            joining.append(self.queued.pop(0))
-        if not joining:  # a plain decoding step
+        """One decoding step of the running rows (their last sampled tokens), and the queued turns that fit prefilled in
+        a forward of their own, then merged into the batch. Returns the next-token logits of every row, [B, V]."""
+        logits = []
+        if self.rows:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             self.position = self.position + 1
-            return self.model(input_ids=self.picked[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
-                              past_key_values=self.cache, use_cache=True, decoding=True).logits[:, -1]
-        # the batch built anew: each running row (its cache so far, then its last token) and each joining turn (its
-        # longest kept prefix, then the rest of its context); a context several joining turns share computed once
-        live = [(self.row_cache(b), [row.tokens[-1]]) for b, row in enumerate(self.rows)]
-        distinct = list(dict.fromkeys(tuple(row.context) for row in joining))
-        fresh = [(self.kept.longest(list(c)), c) for c in distinct]
-        parts = live + [(layers, list(c[n:])) for (n, layers), c in fresh]
-        self.cache, self.mask, self.position, logits = prefill(self.model, parts, self.tokenizer, self.args.max_turn_tokens, self.device)
-        of_row = list(range(len(live))) + [len(live) + distinct.index(tuple(row.context)) for row in joining]
-        self.select(torch.tensor(of_row, device=self.device))
-        self.rows += joining
-        return logits[of_row]
+            logits.append(self.model(input_ids=self.picked[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
+                                     past_key_values=self.cache, use_cache=True, decoding=True).logits[:, -1])
+        joining = self.joining()
+        if joining:  # each distinct context once: its longest kept prefix's cache, then the rest of its tokens
+            distinct = list(dict.fromkeys(tuple(row.context) for row in joining))
+            parts = [(layers, list(c[n:])) for c in distinct for n, layers in [self.kept.longest(list(c))]]
+            cache, mask, position, new_logits = prefill(self.model, parts, self.tokenizer, self.args.max_turn_tokens, self.device)
+            of_row = torch.tensor([distinct.index(tuple(row.context)) for row in joining], device=self.device)
+            cache.reorder_cache(of_row)
+            if self.rows:
+                self.cache, self.mask = merged(self.cache, self.mask, cache, mask[of_row], self.args.max_turn_tokens)
+                self.position = torch.cat([self.position, position[of_row]])
+            else:
+                self.cache, self.mask, self.position = cache, mask[of_row], position[of_row]
+            logits.append(new_logits[of_row])
+            self.rows += joining
+        release_freed_memory()  # freed caches and activations back to the OS (else a long evaluation's heap only grows)
+        return torch.cat(logits)
+
+    def joining(self) -> list[Row]:
+        """The queued turns that join the batch now, in order: while the batch's KV cache at full length fits the
+        budget and their prefill (rows x the longest part not kept) PREFILL_TOKENS; into an empty batch at least one."""
+        joining, widest = [], 0
+        longest = max((len(r.context) + r.max_tokens for r in self.rows), default=0)
+        while self.queued:
+            row = self.queued[0]
+            longest = max(longest, len(row.context) + row.max_tokens)
+            widest = max(widest, len(row.context) - self.kept.longest(row.context)[0])
+            fits = ((len(self.rows) + len(joining) + 1) * longest * self.bytes_per_token <= self.budget
+                    and (len(joining) + 1) * widest <= PREFILL_TOKENS)
+            if not fits and (self.rows or joining):
+                break
+            joining.append(self.queued.pop(0))
+        return joining
 
     def row_cache(self, b: int) -> Layers:
         """Row b's keys and values at its real positions (the batch's padding left out)."""
@@ -226,7 +243,7 @@ def prefill(model, parts: list[tuple[Layers | None, list[int]]], tokenizer, spar
     if length:
         like = next(layers for layers, _ in parts if layers)[0][0]  # [heads, n, head dim]: the zeros' shape and dtype
         for i in range(model.config.num_hidden_layers):
-            keys, values = (torch.stack([left_padded(layers[i][part] if layers else like[:, :0], length) for layers, _ in parts])
+            keys, values = (torch.stack([left_padded(layers[i][part] if layers else like[:, :0], length, dim=1) for layers, _ in parts])
                             for part in (0, 1))
             cache.update(keys, values, i)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
@@ -234,9 +251,22 @@ def prefill(model, parts: list[tuple[Layers | None, list[int]]], tokenizer, spar
     return cache, mask, positions[:, -1], logits
 
 
-def left_padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """[heads, n, head dim] -> [heads, length, head dim], zeros in front."""
-    return torch.cat([tensor.new_zeros(tensor.shape[0], length - tensor.shape[1], tensor.shape[2]), tensor], dim=1)
+def merged(a: Cache, mask_a: torch.Tensor, b: Cache, mask_b: torch.Tensor, spare: int) -> tuple[Cache, torch.Tensor]:
+    """Two batches as one: the rows of `a`, then those of `b`, each left-padded to the longer cache (room for `spare`
+    more tokens). Returns the cache and its attention mask."""
+    length = max(mask_a.shape[1], mask_b.shape[1])
+    cache = Cache(layers=[SpareLayer(spare) for _ in a.layers])
+    for i, (x, y) in enumerate(zip(a.layers, b.layers)):
+        cache.update(torch.cat([left_padded(x.keys, length, dim=2), left_padded(y.keys, length, dim=2)]),
+                     torch.cat([left_padded(x.values, length, dim=2), left_padded(y.values, length, dim=2)]), i)
+    return cache, torch.cat([left_padded(mask_a, length, dim=1), left_padded(mask_b, length, dim=1)])
+
+
+def left_padded(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros in front along `dim` up to `length`."""
+    shape = list(tensor.shape)
+    shape[dim] = length - shape[dim]
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def kv_bytes_per_token(config, dtype: str) -> int:

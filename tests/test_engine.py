@@ -95,7 +95,7 @@ def test_release_freed_memory_hands_back_freed_heap_pages():
     # 300 blocks of 100 KiB (under glibc's mmap threshold: heap memory), all freed but the last, which keeps the
     # heap's top in use so that free() alone cannot shrink it: ~29 MiB stay resident until malloc_trim.
     code = """
-import ctypes, engine
+import ctypes, memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 blocks = [libc.malloc(100 * 1024) for _ in range(300)]
@@ -103,9 +103,9 @@ for b in blocks:
     ctypes.memset(b, 1, 100 * 1024)
 for b in blocks[:-1]:
     libc.free(ctypes.c_void_p(b))
-before = engine.resident_gib()
-engine.release_freed_memory()
-print(before - engine.resident_gib())
+before = memory.resident_gib()
+memory.release_freed_memory()
+print(before - memory.resident_gib())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert float(out.stdout.split()[-1]) * 1024 > 25  # MiB handed back

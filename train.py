@@ -1,5 +1,5 @@
-"""AT²PO in one loop: vLLM grows turn-level trees -> the environment answers -> turn-wise credit -> ATPO loss ->
-the new weights go straight back into the running vLLM engine (or, without vLLM, the policy samples its own trees). The method, section by section: docs/method.md.
+"""AT²PO in one loop: vLLM grows turn-level trees -> the environment answers -> turn-wise credit -> ATPO loss -> the
+new weights go straight back into the running engine (or the policy samples its own: --engine). Method: docs/method.md.
 
     ./setup.sh && .venv/bin/python train.py           # the embedded default task, default model, this CPU
     .venv/bin/python train.py --help                  # every flag; the README has the GPU recipe
@@ -70,7 +70,7 @@ class Args:
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """dtype of the rollouts and of the trainer's autocast; auto: bfloat16 where the hardware has it natively, else float32"""
     kv_cache_gb: float = 1.0
-    """KV cache in GiB: vLLM's (beyond its weights); with transformers, the most one batch of turns holds"""
+    """KV cache in GiB: vLLM's (beyond its weights); with transformers, the running batch's, and as much for earlier turns"""
     sleep_engine: bool = True
     """vLLM on a GPU: free its weights and KV cache during the update (the weight sync brings the weights back)"""
     enforce_eager: bool = False
@@ -198,8 +198,7 @@ class Args:
 
     def __post_init__(self):  # the "auto"s that need nothing loaded; a GPU's memory levers are the README's plan
         on_gpu = torch.cuda.is_available()
-        if self.engine == "auto":
-            self.engine = "vllm" if engine.vllm_installed() else "transformers"
+        self.engine = ("vllm" if engine.vllm_installed() else "transformers") if self.engine == "auto" else self.engine
         if self.sft == "auto":
             self.sft = "on" if self.model == "default" else "off"
         if self.demo_coef is None:  # the gold transcripts of the warm start, where it runs

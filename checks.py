@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from checkpoint import last_checkpoint
+from engine import vllm_installed
 from envs import HttpRetriever, RetrievalError, build_prompt, load_tasks, read_corpus
 from warm_start import load_demos
 
@@ -70,7 +71,7 @@ def number_problems(args) -> list[str]:
         problems.append(f"--micro-batch-tokens {args.micro_batch_tokens} must be 0 or at least --max-length {args.max_length}")
     if args.max_turn_tokens >= args.max_length:
         problems.append(f"--max-turn-tokens {args.max_turn_tokens} must be below --max-length {args.max_length}")
-    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+    if args.engine == "vllm" and not vllm_installed():
         problems.append("--engine vllm: vLLM is not installed here (it has no wheel for macOS or Windows): use --engine transformers")
     if args.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("--optimizer adamw8bit (auto's choice on a GPU) needs bitsandbytes: pip install 'bitsandbytes>=0.50', or --optimizer adamw")

@@ -4,13 +4,14 @@
 evaluation.py run the same loop on either (`--engine transformers`, or `auto` where vLLM is not installed). There is
 no second copy of the weights and nothing to sync: the trainer's model samples, under the trainer's autocast.
 
-Like vLLM, a sampler keeps one running batch: a turn submitted joins it at the next forward (its context prefilled
-in that same forward), every live row gets one token a forward, and a row leaves the batch the moment its turn ends
-(EOS, a stop string, or its token limit), which `wait` returns. Nothing is prefilled twice: identical contexts (a
-tree's M chains) are computed once, and a context that continues an earlier turn (the branch's next turn, a sibling
-re-sampled from the same state) reuses that turn's KV cache. Each request draws its tokens with a torch.Generator of
-its own seed (the step's generator gives the seeds, as to vLLM's requests). The log-probs returned are the model's own (temperature 1, as vLLM's default raw_logprobs), so node
-entropy (§1.2) means the same thing on both engines.
+Like vLLM, a sampler keeps one running batch: a turn submitted joins it at the next step (its context prefilled in a
+forward of its own, then merged in), every live row gets one token a forward, and a row leaves the batch the moment
+its turn ends (EOS, a stop string, or its token limit), which `wait` returns. Nothing is prefilled twice: identical
+contexts (a tree's M chains) are computed once, and a context that continues an earlier turn (the branch's next turn,
+a sibling re-sampled from the same state) reuses that turn's KV cache. Each request draws its tokens with a
+torch.Generator of its own seed (the step's generator gives the seeds, as to vLLM's requests). The log-probs returned
+are the model's own (temperature 1, as vLLM's default raw_logprobs), so node entropy (§1.2) means the same thing on
+both engines.
 """
 
 import random
@@ -23,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from envs import STOP
 from memory import release_freed_memory
 
-PREFILL_TOKENS = 8192  # rows x widest context a forward may prefill at most: bounds its activations
+PREFILL_TOKENS = 8192  # joining rows x their widest new part that one prefill may hold: bounds its activations
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) of some tokens, each [heads, tokens, head dim]
 
 

@@ -90,6 +90,9 @@ class TransformersSampler:
         self.budget = int(self.args.kv_cache_gb * 2**30)
         self.bytes_per_token = kv_bytes_per_token(self.model.config, self.args.dtype)
         self.kept = KeptPrefixes(self.budget)  # of this sampler's turns: one policy's KV
+        # the bfloat16 weights autocast would cast at every wait, cast once for this sampler's turns
+        self.weights = {f"{name}.weight": module.weight.detach().to(torch.bfloat16) for name, module in self.model.named_modules()
+                        if isinstance(module, torch.nn.Linear)} if self.args.dtype == "bfloat16" else {}
         self.queued: list[Row] = []
         self.rows: list[Row] = []  # the running batch, in batch order
         self.cache = self.mask = self.position = self.picked = None  # its KV cache, [B, cache length], [B], [B]
@@ -124,24 +127,35 @@ class TransformersSampler:
         if self.rows:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             self.position = self.position + 1
-            logits.append(self.model(input_ids=self.picked[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
-                                     past_key_values=self.cache, use_cache=True, decoding=True).logits[:, -1])
+            logits.append(self.run(input_ids=self.picked[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
+                                   past_key_values=self.cache, use_cache=True, decoding=True).logits[:, -1])
         joining = self.joining()
         if joining:  # each distinct context once: its longest kept prefix's cache, then the rest of its tokens
             distinct = list(dict.fromkeys(tuple(row.context) for row in joining))
             parts = [(layers, list(c[n:])) for c in distinct for n, layers in [self.kept.longest(list(c))]]
-            cache, mask, position, new_logits = prefill(self.model, parts, self.tokenizer, self.args.max_turn_tokens, self.device)
+            cache, mask, position, new_logits = prefill(self.run, parts, self.model.config, self.tokenizer, self.args.max_turn_tokens, self.device)
             of_row = torch.tensor([distinct.index(tuple(row.context)) for row in joining], device=self.device)
             cache.reorder_cache(of_row)
-            if self.rows:
-                self.cache, self.mask = merged(self.cache, self.mask, cache, mask[of_row], self.args.max_turn_tokens)
+            if self.rows and self.cache.layers[0].can_add(len(joining), mask.shape[1]):  # below the running rows, in place
+                for layer, new in zip(self.cache.layers, cache.layers):
+                    layer.add_rows(new.keys, new.values)
+                self.mask = torch.cat([self.mask, left_padded(mask[of_row], self.mask.shape[1], dim=1)])
+                self.position = torch.cat([self.position, position[of_row]])
+            elif self.rows:  # into a larger room: twice the rows while the budget holds them at full length
+                longest = max(len(row.context) + row.max_tokens for row in self.rows + joining)
+                rows_room = min(2 * (len(self.rows) + len(joining)), self.budget // (longest * self.bytes_per_token))
+                self.cache, self.mask = merged(self.cache, self.mask, cache, mask[of_row], self.args.max_turn_tokens, rows_room)
                 self.position = torch.cat([self.position, position[of_row]])
             else:
                 self.cache, self.mask, self.position = cache, mask[of_row], position[of_row]
             logits.append(new_logits[of_row])
             self.rows += joining
-        release_freed_memory()  # freed caches and activations back to the OS (else a long evaluation's heap only grows)
+            release_freed_memory()  # the replaced cache and the prefill's activations back to the OS (else the heap only grows)
         return torch.cat(logits)
+
+    def run(self, **inputs):
+        """The model's forward on `inputs`, its linear layers reading this sampler's bfloat16 weights where it has them."""
+        return torch.func.functional_call(self.model, self.weights, args=(), kwargs=inputs, tie_weights=False, strict=False)
 
     def joining(self) -> list[Row]:
         """The queued turns that join the batch now, in order: while the batch's KV cache at full length fits the
@@ -164,10 +178,20 @@ class TransformersSampler:
         real = self.mask[b].nonzero()[:, 0]
         return [(layer.keys[b][:, real], layer.values[b][:, real]) for layer in self.cache.layers]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep these rows of the batch (a row may be taken twice), in this order."""
-        self.cache.reorder_cache(rows)
-        self.mask, self.position = self.mask[rows], self.position[rows]
+    def drop(self, gone: list[int]) -> None:
+        """These rows leave the batch: the last row moves into each freed place (one row's cache copied, not all)."""
+        for b in sorted(gone, reverse=True):  # the rows behind b have left already or moved in from behind
+            last = len(self.rows) - 1
+            if b != last:
+                for layer in self.cache.layers:
+                    layer.move_row(last, b)
+                for tensor in (self.mask, self.position, self.picked):
+                    tensor[b] = tensor[last]
+                self.rows[b] = self.rows[last]
+            self.rows.pop()
+        for layer in self.cache.layers:
+            layer.keep_rows(len(self.rows))
+        self.mask, self.position, self.picked = (t[: len(self.rows)] for t in (self.mask, self.position, self.picked))
 
     def sample(self, logits: torch.Tensor) -> list[Row]:
         """One token for every row from its next-token logits [B, V]; the rows whose turn ended leave the batch (their
@@ -179,48 +203,81 @@ class TransformersSampler:
             cdf = torch.softmax(logits.float() / self.temperature, dim=-1).cumsum(-1)  # [B, V]
             uniform = torch.cat([torch.rand(1, generator=row.generator, device=self.device) for row in self.rows])  # [B]
             picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
-        ended, going = [], []
+        self.picked, gone = picked, []
         for b, (row, token, lp) in enumerate(zip(self.rows, picked.tolist(), log_probs.gather(1, picked[:, None])[:, 0].tolist())):
             row.tokens.append(token)
             row.logprobs.append(lp)
             if (token == self.tokenizer.eos_token_id or len(row.tokens) >= row.max_tokens
                     or any(s in self.tokenizer.decode(row.tokens, skip_special_tokens=True) for s in STOP)):
-                ended.append(row)  # its cache holds the context and the turn but its last token (sampled, never fed)
+                gone.append(b)  # its cache holds the context and the turn but its last token (sampled, never fed)
                 self.kept.keep(tuple(row.context + row.tokens[:-1]), self.row_cache(b))
-            else:
-                going.append(b)
-        if ended and going:
-            self.select(torch.tensor(going, device=self.device))
-        self.rows, self.picked = [self.rows[b] for b in going], picked[going]
+        ended = sorted((self.rows[b] for b in gone), key=lambda row: row.key)  # in the order submitted, wherever they sat
+        self.drop(gone)
         return ended
 
 
 class SpareLayer(DynamicLayer):
-    """transformers' DynamicLayer with room for `spare` more tokens behind its keys and values: a decoding step writes
-    its token in place instead of copying the whole cache into a longer one, as DynamicLayer's concatenation does."""
+    """transformers' DynamicLayer with room behind its keys and values for `spare` more tokens and below them for more
+    rows: a decoding step writes its token in place, and turns that join the batch are written below the running rows,
+    instead of the whole cache being copied into a larger one (DynamicLayer's concatenation)."""
 
     def __init__(self, spare: int):
         super().__init__()
         self.spare = spare
+        self.key_room = self.value_room = None  # [rows it can hold, heads, tokens it can hold, head dim]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        key_states = key_states.to(value_states.dtype)  # rotary embedding left keys in float32 under autocast: attention reads them in bf16
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.key_room = self.value_room = None
-        old = self.get_seq_length()
+        rows, old = key_states.shape[0], self.get_seq_length()
         new = old + key_states.shape[-2]
-        if self.key_room is None or new > self.key_room.shape[-2]:  # a room of new + spare tokens, what was kept copied in
+        if self.key_room is None or new > self.key_room.shape[2]:  # a room of new + spare tokens, what was kept copied in
             self.key_room, self.value_room = self.room(self.keys, key_states, old, new), self.room(self.values, value_states, old, new)
-        self.key_room[:, :, old:new] = key_states
-        self.value_room[:, :, old:new] = value_states
-        self.keys, self.values = self.key_room[:, :, :new], self.value_room[:, :, :new]
+        self.key_room[:rows, :, old:new] = key_states
+        self.value_room[:rows, :, old:new] = value_states
+        self.keys, self.values = self.key_room[:rows, :, :new], self.value_room[:rows, :, :new]
         return self.keys, self.values
 
     def room(self, kept: torch.Tensor, fresh: torch.Tensor, old: int, new: int) -> torch.Tensor:
-        room = fresh.new_empty(*fresh.shape[:2], new + self.spare, fresh.shape[3])
+        rows = fresh.shape[0] if self.key_room is None else self.key_room.shape[0]
+        room = fresh.new_empty(rows, fresh.shape[1], new + self.spare, fresh.shape[3])
         if old:
-            room[:, :, :old] = kept
+            room[: kept.shape[0], :, :old] = kept
         return room
+
+    @classmethod
+    def of_rows(cls, batches: list[tuple[torch.Tensor, torch.Tensor]], length: int, spare: int, rows_room: int = 0) -> "SpareLayer":
+        """A layer holding the rows of these (keys, values) [rows, heads, tokens, head dim] one batch after another,
+        each left-padded with zeros to `length` tokens, with room for `spare` more tokens and `rows_room` rows in all."""
+        layer, (like, _) = cls(spare), batches[0]
+        rows = sum(keys.shape[0] for keys, _ in batches)
+        layer.key_room, layer.value_room = (like.new_empty(max(rows, rows_room), like.shape[1], length + spare, like.shape[3])
+                                            for _ in range(2))
+        layer.keys, layer.values = layer.key_room[:0, :, :length], layer.value_room[:0, :, :length]
+        layer.dtype, layer.device, layer.is_initialized = like.dtype, like.device, True
+        for keys, values in batches:
+            layer.add_rows(keys, values)
+        return layer
+
+    def can_add(self, rows: int, tokens: int) -> bool:
+        return self.keys.shape[0] + rows <= self.key_room.shape[0] and tokens <= self.keys.shape[2]
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows [rows, heads, tokens, head dim] written below the present ones, left-padded with zeros to their length."""
+        first, length = self.keys.shape[0], self.keys.shape[2]
+        last, start = first + keys.shape[0], length - keys.shape[2]
+        for room, new in ((self.key_room, keys), (self.value_room, values)):
+            room[first:last, :, :start] = 0
+            room[first:last, :, start:length] = new
+        self.keys, self.values = self.key_room[:last, :, :length], self.value_room[:last, :, :length]
+
+    def move_row(self, source: int, target: int) -> None:
+        self.key_room[target], self.value_room[target] = self.key_room[source], self.value_room[source]
+
+    def keep_rows(self, count: int) -> None:
+        """Only the first `count` rows (views: nothing copied, the room kept)."""
+        self.keys, self.values = self.keys[:count], self.values[:count]
 
     def reorder_cache(self, rows: torch.LongTensor) -> None:
         length = self.get_seq_length()
@@ -228,8 +285,8 @@ class SpareLayer(DynamicLayer):
         self.keys, self.values = self.key_room[:, :, :length], self.value_room[:, :, :length]
 
 
-def prefill(model, parts: list[tuple[Layers | None, list[int]]], tokenizer, spare: int, device: torch.device):
-    """One forward over rows given as (the KV cache of a row's first tokens or None, its next tokens): each row is
+def prefill(run, parts: list[tuple[Layers | None, list[int]]], config, tokenizer, spare: int, device: torch.device):
+    """One forward (`run`, of a model with this `config`) over rows given as (the KV cache of a row's first tokens or None, its next tokens): each row is
     [padding | cached tokens | padding | next tokens], the cache holding the first two parts, the forward the last two.
     The cache has room for `spare` more tokens. Returns it, the attention mask [U, cache length], each row's last
     position [U] and last logits [U, V]."""
@@ -240,26 +297,25 @@ def prefill(model, parts: list[tuple[Layers | None, list[int]]], tokenizer, spar
     positions = torch.tensor([[0] * (width - len(x)) + list(range(n, n + len(x))) for (_, x), n in zip(parts, cached)], device=device)
     mask = torch.tensor([[0] * (length - n) + [1] * n + [0] * (width - len(x)) + [1] * len(x) for (_, x), n in zip(parts, cached)],
                         device=device)
-    cache = Cache(layers=[SpareLayer(spare) for _ in range(model.config.num_hidden_layers)])
-    if length:
-        like = next(layers for layers, _ in parts if layers)[0][0]  # [heads, n, head dim]: the zeros' shape and dtype
-        for i in range(model.config.num_hidden_layers):
-            keys, values = (torch.stack([left_padded(layers[i][part] if layers else like[:, :0], length, dim=1) for layers, _ in parts])
-                            for part in (0, 1))
-            cache.update(keys, values, i)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1, decoding=True).logits[:, -1]
+    if length:  # the kept tokens in place, with room for this forward's and `spare` more
+        like = next(layers for layers, _ in parts if layers)[0][0]  # [heads, n, head dim]: shape and dtype of an empty row
+        cache = Cache(layers=[SpareLayer.of_rows([(layers[i][0][None], layers[i][1][None]) if layers else (like[None, :, :0],) * 2
+                                                  for layers, _ in parts], length, width + spare)
+                              for i in range(config.num_hidden_layers)])
+    else:
+        cache = Cache(layers=[SpareLayer(spare) for _ in range(config.num_hidden_layers)])
+    last = torch.tensor([width - 1], device=device)  # an index, not a count: a one-row slice would take torch's slow matmul path
+    logits = run(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                 logits_to_keep=last, decoding=True).logits[:, -1]
     return cache, mask, positions[:, -1], logits
 
 
-def merged(a: Cache, mask_a: torch.Tensor, b: Cache, mask_b: torch.Tensor, spare: int) -> tuple[Cache, torch.Tensor]:
+def merged(a: Cache, mask_a: torch.Tensor, b: Cache, mask_b: torch.Tensor, spare: int, rows_room: int) -> tuple[Cache, torch.Tensor]:
     """Two batches as one: the rows of `a`, then those of `b`, each left-padded to the longer cache (room for `spare`
-    more tokens). Returns the cache and its attention mask."""
+    more tokens and `rows_room` rows). Returns the cache and its attention mask."""
     length = max(mask_a.shape[1], mask_b.shape[1])
-    cache = Cache(layers=[SpareLayer(spare) for _ in a.layers])
-    for i, (x, y) in enumerate(zip(a.layers, b.layers)):
-        cache.update(torch.cat([left_padded(x.keys, length, dim=2), left_padded(y.keys, length, dim=2)]),
-                     torch.cat([left_padded(x.values, length, dim=2), left_padded(y.values, length, dim=2)]), i)
+    cache = Cache(layers=[SpareLayer.of_rows([(x.keys, x.values), (y.keys, y.values)], length, spare, rows_room)
+                          for x, y in zip(a.layers, b.layers)])
     return cache, torch.cat([left_padded(mask_a, length, dim=1), left_padded(mask_b, length, dim=1)])
 
 

@@ -9,6 +9,8 @@ import json
 import os
 import shlex
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,24 +26,77 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointError(Exception):
+    """A checkpoint could not be written (a full disk, a folder gone): the previous one is kept."""
+
+
+def checkpoint_gib(model, optimizer_name: str, save_optimizer: bool) -> float:
+    """About what one checkpoint takes on disk: the weights as held, and AdamW's two moments (8-bit: a byte each)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = (2 * weights if optimizer_name == "adamw" else weights // 2) if save_optimizer else 0
+    return (weights + moments) / 2**30
+
+
+def say_if_disk_is_short(output_dir: Path, model, args) -> None:
+    """Print one line where --output-dir's disk has less free than one checkpoint takes."""
+    need, free = checkpoint_gib(model, args.optimizer, args.save_optimizer), shutil.disk_usage(output_dir).free / 2**30
+    if free < need:
+        print(f"note: {free:.1f} GiB free on the disk of {output_dir}, a checkpoint takes about {need:.1f} GiB: saving will fail")
+
+
 def save_checkpoint(args, step: int, model, tokenizer, optimizer) -> None:
     """The policy as a HF folder, plus the step, the flags and (unless --no-save-optimizer) the optimizer state in
-    state.pt."""
+    state.pt. A write that fails or is interrupted leaves no partial files and the previous checkpoint in place."""
     output_dir = Path(args.output_dir)
     final, tmp, old = output_dir / "checkpoint", output_dir / "checkpoint.tmp", output_dir / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    optimizer_state = {"optimizer": optimizer.state_dict()} if args.save_optimizer else {}
-    torch.save({"step": step, **optimizer_state, "args": dataclasses.asdict(args)}, tmp / "state.pt")
-    for path in [*tmp.iterdir(), tmp]:
-        fsync(path)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        optimizer_state = {"optimizer": optimizer.state_dict()} if args.save_optimizer else {}
+        torch.save({"step": step, **optimizer_state, "args": dataclasses.asdict(args)}, tmp / "state.pt")
+        for path in [*tmp.iterdir(), tmp]:
+            fsync(path)
+    except BaseException as err:  # a full disk (torch.save says RuntimeError, safetensors its own error), Ctrl-C
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception):
+            raise
+        need, free = checkpoint_gib(model, args.optimizer, args.save_optimizer), shutil.disk_usage(output_dir).free / 2**30
+        raise CheckpointError(f"the checkpoint of step {step} could not be written in {output_dir} ({str(err)[:200]}; "
+                              f"{free:.1f} GiB free on its disk, a checkpoint takes about {need:.1f} GiB)") from err
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     fsync(output_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def hold_output_dir(output_dir: Path):
+    """Lock `output_dir` for as long as this process lives (the OS lets go when it ends, a SIGKILL included): the
+    open lock file, to keep; or None and the line naming the run that holds it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / "run.lock", "a+")
+    handle.seek(0)  # Windows locks bytes from here
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a run"
+        handle.close()
+        return None, holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: python train.py {shlex.join(sys.argv[1:])}\n")
+    handle.flush()
+    return handle, None
 
 
 def start_over(output_dir: Path) -> None:
@@ -116,12 +171,21 @@ def write_trees(path: Path, records: list[dict]) -> None:
     path.write_text(json.dumps(records, indent=1))
 
 
-def resume_hint(err: Exception, output_dir: str, argv: list[str]) -> str:
-    """The one line a run ends with when retrieval fails mid-run: the error, what was kept, the command to go on.
-    Nothing of the step that hit it was trained (the error leaves the rollout or evaluation before any update)."""
+def resume_hint(reason: str, output_dir: str, argv: list[str]) -> str:
+    """The one line a run ends with when it stops mid-run (retrieval down, a checkpoint not written, Ctrl-C): why,
+    what was kept, the command to go on."""
     last = last_checkpoint(output_dir)
     if last is None:
-        return f"error: {err}; no checkpoint was saved yet; start again with: python train.py {shlex.join(argv)}"
+        return f"{reason}; no checkpoint was saved yet; start again with: python train.py {shlex.join(argv)}"
     again = shlex.join([a for a in argv if a != "--resume"] + ["--resume"])
-    return f"error: {err}; nothing of the failed step was trained; the last checkpoint is {last}; " \
-           f"resume with: python train.py {again}"
+    return f"{reason}; the last checkpoint is {last}; resume with: python train.py {again}"
+
+
+def restore(optimizer, state: dict, policy_path: str) -> int:
+    """--resume: the optimizer state from the checkpoint's state.pt (where it was saved); the step it was at."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        print("note: the checkpoint has no optimizer state (--no-save-optimizer): AdamW starts afresh")
+    print(f"resumed from {policy_path} at step {state['step']}")
+    return state["step"]

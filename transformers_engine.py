@@ -2,16 +2,17 @@
 
 `TransformersEngine` has the interface of engine.VllmEngine (`sampler`, `sleep`, `push_weights`), so train.py and
 evaluation.py run the same loop on either (`--engine transformers`, or `auto` where vLLM is not installed). There is
-no second copy of the weights and nothing to sync: the trainer's model samples, under the trainer's autocast.
+nothing to sync: the trainer's model samples, under the trainer's autocast (its linear layers' bfloat16 weights, which
+autocast would cast at every forward, cast once a sampler and dropped with it).
 
 Like vLLM, a sampler keeps one running batch: a turn submitted joins it at the next step (its context prefilled in a
-forward of its own, then merged in), every live row gets one token a forward, and a row leaves the batch the moment
-its turn ends (EOS, a stop string, or its token limit), which `wait` returns. Nothing is prefilled twice: identical
-contexts (a tree's M chains) are computed once, and a context that continues an earlier turn (the branch's next turn,
-a sibling re-sampled from the same state) reuses that turn's KV cache. Each request draws its tokens with a
-torch.Generator of its own seed (the step's generator gives the seeds, as to vLLM's requests). The log-probs returned
-are the model's own (temperature 1, as vLLM's default raw_logprobs), so node entropy (§1.2) means the same thing on
-both engines.
+forward of its own, then written in below the running rows), every live row gets one token a forward, and a row leaves
+the batch the moment its turn ends (EOS, a stop string, or its token limit), which `wait` returns. Nothing is
+prefilled twice: identical contexts (a tree's M chains) are computed once, and a context that continues an earlier
+turn (the branch's next turn, a sibling re-sampled from the same state) reuses that turn's KV cache. Each request
+draws its tokens with a torch.Generator of its own seed (the step's generator gives the seeds, as to vLLM's requests).
+The log-probs returned are the model's own (temperature 1, as vLLM's default raw_logprobs), so node entropy (§1.2)
+means the same thing on both engines.
 """
 
 import random
@@ -286,8 +287,9 @@ class SpareLayer(DynamicLayer):
 
 
 def prefill(run, parts: list[tuple[Layers | None, list[int]]], config, tokenizer, spare: int, device: torch.device):
-    """One forward (`run`, of a model with this `config`) over rows given as (the KV cache of a row's first tokens or None, its next tokens): each row is
-    [padding | cached tokens | padding | next tokens], the cache holding the first two parts, the forward the last two.
+    """One forward (`run`, of a model with this `config`) over rows given as (the KV cache of a row's first tokens or
+    None, its next tokens): each row is [padding | cached tokens | padding | next tokens], the cache holding the first
+    two parts, the forward the last two.
     The cache has room for `spare` more tokens. Returns it, the attention mask [U, cache length], each row's last
     position [U] and last logits [U, V]."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

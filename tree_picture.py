@@ -19,7 +19,7 @@ def load_trees(path: str | Path) -> list[dict]:
     """The trees of one JSON file, checked: a ValueError names the file, tree, node and field at fault."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise ValueError(f"{path}: is a directory, not a trees file" if path.is_dir() else f"{path}: no such file")
     try:
         trees = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -36,13 +36,18 @@ def load_trees(path: str | Path) -> list[dict]:
             parent = node.get("parent")
             if i == 0 and parent != -1:
                 raise ValueError(f"{where} node 0: the root's parent must be -1, got {parent!r}")
-            if i > 0 and not (isinstance(parent, int) and 0 <= parent < i):
+            if i > 0 and not (isinstance(parent, int) and not isinstance(parent, bool) and 0 <= parent < i):
                 raise ValueError(f"{where} node {i}: parent must be an earlier node, got {parent!r}")
             for key in NUMBERS:
                 if not isinstance(node.get(key), (int, float)) or not math.isfinite(node[key]):
                     raise ValueError(f"{where} node {i}: '{key}' must be a finite number, got {node.get(key)!r}")
-            if i > 0 and node.get("end") and not isinstance(node.get("reward"), (int, float)):
-                raise ValueError(f"{where} node {i}: a leaf needs a numeric 'reward', got {node.get('reward')!r}")
+            if i > 0 and node.get("end") and not (isinstance(node.get("reward"), (int, float)) and math.isfinite(node["reward"])):
+                raise ValueError(f"{where} node {i}: a leaf needs a finite 'reward', got {node.get('reward')!r}")
+            for key in ("action", "content", "end", "text"):
+                if node.get(key) is not None and not isinstance(node[key], str):
+                    raise ValueError(f"{where} node {i}: '{key}' must be text, got {node[key]!r:.80}")
+            if isinstance(node.get("picked"), bool) or not isinstance(node.get("picked", 0), int) or node.get("picked", 0) < 0:
+                raise ValueError(f"{where} node {i}: 'picked' must be a count, got {node.get('picked')!r}")
     return trees
 
 

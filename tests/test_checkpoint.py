@@ -1,9 +1,10 @@
-"""checkpoint.py: at every instant one complete checkpoint exists; the line a failed retrieval ends a run with."""
+"""checkpoint.py: at every instant one complete checkpoint exists; the line a run stopped mid-way ends with."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from checkpoint import last_checkpoint, resume_hint, save_checkpoint
 
@@ -16,7 +17,7 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
     def save_pretrained(path):  # what a HF folder holds, as far as --resume looks
         Path(path).mkdir(parents=True)
         (Path(path) / "config.json").write_text("{}")
-        torch.save(model.state_dict(), Path(path) / "model.safetensors")
+        save_file(model.state_dict(), Path(path) / "model.safetensors")
 
     model.save_pretrained = save_pretrained
     tokenizer = type("Tok", (), {"save_pretrained": lambda self, path: (Path(path) / "tok.json").write_text("{}")})()
@@ -41,7 +42,7 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
     assert last == tmp_path / "checkpoint.old" and torch.load(last / "state.pt", weights_only=False)["step"] == 1
     check_args(Args(output_dir=str(tmp_path), resume=True))  # --resume finds it
     save_checkpoint(args, 3, model, tokenizer, optimizer)  # the next save replaces it: one checkpoint on disk
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "run.lock"]  # the lock check_args took
     state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 3 and set(state["optimizer"]) == {"state", "param_groups"}
     # --no-save-optimizer: the step and flags only; --resume still finds it (and starts a fresh AdamW)
@@ -53,11 +54,11 @@ def test_a_checkpoint_swap_always_leaves_one_complete_checkpoint(tmp_path, monke
 
 
 def test_resume_hint_names_the_checkpoint_and_the_command(tmp_path):
-    err = RuntimeError("retrieval server http://x failed")
-    assert resume_hint(err, str(tmp_path), ["--seed", "2"]) == (
+    reason = "error: retrieval server http://x failed"
+    assert resume_hint(reason, str(tmp_path), ["--seed", "2"]) == (
         "error: retrieval server http://x failed; no checkpoint was saved yet; start again with: python train.py --seed 2")
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "state.pt").write_bytes(b"")
-    assert resume_hint(err, str(tmp_path), ["--resume", "--seed", "2"]) == (
-        f"error: retrieval server http://x failed; nothing of the failed step was trained; the last checkpoint is "
-        f"{tmp_path / 'checkpoint'}; resume with: python train.py --seed 2 --resume")
+    assert resume_hint(reason, str(tmp_path), ["--resume", "--seed", "2"]) == (
+        f"error: retrieval server http://x failed; the last checkpoint is {tmp_path / 'checkpoint'}; "
+        f"resume with: python train.py --seed 2 --resume")

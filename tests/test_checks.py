@@ -1,12 +1,14 @@
 """checks.py: bad input is refused before any model work, one line per problem, exit code 2, no earlier run lost.
 
-The table runs train.py as a user would, in a subprocess, against a model folder whose weights file is empty: had an
-invocation got as far as loading the model, transformers would fail on it with a traceback and another exit code.
+The table runs train.py as a user would, in a subprocess, against a model folder whose weights cannot load (one tensor
+of the wrong shape): had an invocation got as far as loading the model, transformers would fail on it with a traceback
+and another exit code.
 """
 
 import contextlib
 import http.server
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -78,7 +80,7 @@ def test_the_8bit_optimizer_without_bitsandbytes_is_one_line(tmp_path, capsys, m
     assert problems(capsys, optimizer="adamw", output_dir=out) == []
 
 
-def test_the_vllm_engine_where_vllm_cannot_be_imported_is_one_line_and_auto_picks_transformers(tmp_path, weightless_model):
+def test_the_vllm_engine_where_vllm_cannot_be_imported_is_one_line_and_auto_picks_transformers(tmp_path, unloadable_model):
     """A child process that cannot import vLLM: --engine vllm is refused in one line naming --engine transformers,
     before anything loads; --engine auto passes the checks and says transformers (then fails at the empty weights)."""
     import os
@@ -86,14 +88,14 @@ def test_the_vllm_engine_where_vllm_cannot_be_imported_is_one_line_and_auto_pick
     from tests.handmade import env_without_vllm
 
     env = env_without_vllm(tmp_path, os.environ)
-    refused = subprocess.run([sys.executable, "train.py", "--engine", "vllm", "--model", str(weightless_model), "--output-dir",
+    refused = subprocess.run([sys.executable, "train.py", "--engine", "vllm", "--model", str(unloadable_model), "--output-dir",
                               str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip().splitlines() == [
         "error: --engine vllm: vLLM is not installed here (it has no wheel for macOS or Windows): use --engine transformers"]
-    auto = subprocess.run([sys.executable, "train.py", "--model", str(weightless_model), "--output-dir", str(tmp_path / "run")],
+    auto = subprocess.run([sys.executable, "train.py", "--model", str(unloadable_model), "--output-dir", str(tmp_path / "run")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert auto.returncode == 1 and "safetensors" in auto.stderr
+    assert auto.returncode == 1 and "ignore_mismatched_sizes" in auto.stderr
     assert auto.stdout.startswith("atpo: ") and "rollouts by the policy itself (transformers)" in auto.stdout.splitlines()[0]
 
 
@@ -108,19 +110,6 @@ def test_what_the_checks_read_is_passed_on(tmp_path):
     assert inputs.train_tasks == load_tasks(args.train_data) and inputs.test_tasks == load_tasks(args.test_data)
     assert inputs.corpus == read_corpus(args.corpus) and inputs.demos == load_demos(args.sft_demos)
     assert inputs.resume_state is None and inputs.tokenizer.eos_token_id is not None
-
-
-@pytest.fixture(scope="module")
-def weightless_model(tmp_path_factory, tokenizer) -> Path:
-    """The default model's config and tokenizer beside an empty weights file: passes the folder check, cannot load."""
-    from default_model import default_model_path
-
-    folder = tmp_path_factory.mktemp("weightless")
-    for item in Path(default_model_path()).iterdir():
-        if item.suffix != ".safetensors":
-            shutil.copy(item, folder / item.name)
-    (folder / "model.safetensors").write_bytes(b"")
-    return folder
 
 
 @contextlib.contextmanager
@@ -171,7 +160,36 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "torn_run" / "checkpoint").mkdir(parents=True)
     (tmp_path / "torn_run" / "checkpoint" / "state.pt").write_bytes(b"PK\x03\x04 torn")
     files["torn_run"] = tmp_path / "torn_run"
+    for name, config, weights in [("torn_model", "{}", b"\x10\x00\x00\x00\x00\x00\x00\x00{"), ("bad_config_model", "{", b"")]:
+        files[name] = tmp_path / name
+        files[name].mkdir()
+        (files[name] / "config.json").write_text(config)
+        (files[name] / "tokenizer.json").write_text("{}")
+        (files[name] / "model.safetensors").write_bytes(weights)
     return files
+
+
+def runs_to_resume(tmp_path: Path, model: Path) -> dict[str, Path]:
+    """A run started with --seed 3 (its checkpoint's state.pt records its flags), and one whose weights are torn."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from train import Args
+
+    runs = {}
+    for name, weights in [("seed_3_run", None), ("torn_weights_run", b"\x10\x00")]:
+        runs[name] = tmp_path / name
+        (runs[name] / "checkpoint").mkdir(parents=True)
+        (runs[name] / "checkpoint" / "config.json").write_text("{}")
+        if weights is None:
+            save_file({"w": torch.zeros(1)}, runs[name] / "checkpoint" / "model.safetensors")
+        else:
+            (runs[name] / "checkpoint" / "model.safetensors").write_bytes(weights)
+        args = dataclasses.asdict(Args(model=str(model), seed=3, output_dir=str(runs[name])))
+        torch.save({"step": 1, "args": args}, runs[name] / "checkpoint" / "state.pt")
+    return runs
 
 
 # every float flag at values that make no sense, in one invocation each: every one is its own line
@@ -189,7 +207,7 @@ INTS = {"--prompts-per-step": 0, "--max-draws": 0, "--m": 0, "--l": -1, "--k": 0
 
 def refused(tmp_path: Path, model: Path, url: str) -> list[tuple[list[str], list[str]]]:
     """(the invocation's flags, what its error lines must say, one line each)."""
-    f = bad_files(tmp_path)
+    f, runs = bad_files(tmp_path), runs_to_resume(tmp_path, model)
     default = str(ROOT / "data" / "default")
     cases = [
         ([flag for name in FLOATS for flag in (name, "nan")], FLOATS),
@@ -208,6 +226,8 @@ def refused(tmp_path: Path, model: Path, url: str) -> list[tuple[list[str], list
         (["--track", "--wandb-project", " "], ["--wandb-project"]),
         (["--model", "/nonexistent"], ["--model /nonexistent: no such model folder"]),
         (["--model", str(f["empty_model"])], [f"--model {f['empty_model']}: not a model folder, it has no config.json"]),
+        (["--model", str(f["torn_model"])], [f"--model {f['torn_model']}: {f['torn_model']}/model.safetensors cannot be read"]),
+        (["--model", str(f["bad_config_model"])], [f"--model {f['bad_config_model']}: {f['bad_config_model']}/config.json cannot be read"]),
         (["--model", "no-such-org/no-such-model"], ["--model no-such-org/no-such-model: not a local folder nor in the Hugging Face cache"]),
         (["--train-data", str(tmp_path / "missing.jsonl")], [f"--train-data: no such file: {tmp_path / 'missing.jsonl'}"]),
         (["--train-data", str(f["torn.jsonl"])], [f"--train-data: {f['torn.jsonl']}: line 2 is not valid JSON"]),
@@ -225,6 +245,10 @@ def refused(tmp_path: Path, model: Path, url: str) -> list[tuple[list[str], list
         (["--output-dir", str(f["torn_run"]), "--resume"], [f"--resume: {f['torn_run']}/checkpoint/state.pt cannot be read"]),
         (["--output-dir", str(f["torn_run"]), "--resume", "--overwrite-output-dir"],
          ["--resume and --overwrite-output-dir contradict", "state.pt cannot be read"]),
+        (["--output-dir", str(runs["seed_3_run"]), "--resume", "--seed", "4", "--total-steps", "9"],
+         [f"--resume: the run in {runs['seed_3_run']} was started with other values (--seed 3 there, 4 now)"]),
+        (["--output-dir", str(runs["torn_weights_run"]), "--resume", "--seed", "3"],
+         [f"--resume: {runs['torn_weights_run']}/checkpoint/model.safetensors cannot be read"]),
         (["--retrieval-url", "localhost:8000/retrieve"], ["--retrieval-url localhost:8000/retrieve is not an http(s) URL"]),
         (["--retrieval-url", url, "--topk", "3"], [f"--retrieval-url with --topk 3: retrieval server {url} refused the request (422)"]),
         (["--max-length", "60", "--max-turn-tokens", "8"], ["--max-length 60 leaves no room to answer: the longest prompt has"]),
@@ -237,9 +261,9 @@ def run_train(flags: list[str], output_dir: Path) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "train.py", *flags, *out], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_every_refused_invocation_is_one_line_per_problem_before_any_model_work(tmp_path, weightless_model):
+def test_every_refused_invocation_is_one_line_per_problem_before_any_model_work(tmp_path, unloadable_model):
     with server_refusing_topk_above(2) as url:
-        cases = refused(tmp_path, weightless_model, url)
+        cases = refused(tmp_path, unloadable_model, url)
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda c: run_train(c[1][0], tmp_path / f"out{c[0]}"), enumerate(cases)))
     for (flags, expected), proc in zip(cases, results):
@@ -252,25 +276,81 @@ def test_every_refused_invocation_is_one_line_per_problem_before_any_model_work(
             said = f"error: {text} must" if " " not in text else text
             assert sum(said in line for line in lines) == 1, (flags, text, lines)
     # the control: the same model and files without the bad flag pass every check and fail only at loading the weights
-    control = run_train(["--model", str(weightless_model)], tmp_path / "control")
-    assert control.returncode == 1 and "safetensors" in control.stderr and control.stdout.startswith("atpo: ")
+    control = run_train(["--model", str(unloadable_model)], tmp_path / "control")
+    assert control.returncode == 1 and "ignore_mismatched_sizes" in control.stderr and control.stdout.startswith("atpo: ")
 
 
-def test_an_earlier_run_is_never_lost_by_a_fresh_start(tmp_path, weightless_model):
+def test_an_earlier_run_is_never_lost_by_a_fresh_start(tmp_path, unloadable_model):
     run = tmp_path / "run"
     (run / "checkpoint").mkdir(parents=True)
     metrics = b'{"step": 0, "eval/em": 0.5}\n{"step": 1, "losses/policy": 0.1}\n'
     (run / "metrics.jsonl").write_bytes(metrics)
     (run / "checkpoint" / "state.pt").write_bytes(b"the earlier run's state")
-    proc = run_train(["--model", str(weightless_model)], run)
+    proc = run_train(["--model", str(unloadable_model)], run)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: --output-dir {run} holds a run: continue it with --resume, or start over with --overwrite-output-dir"]
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert (run / "checkpoint" / "state.pt").read_bytes() == b"the earlier run's state"
-    # --overwrite-output-dir says to start over: the checks pass, the earlier run's files go before the model loads
-    proc = run_train(["--model", str(weightless_model), "--overwrite-output-dir"], run)
-    assert proc.returncode == 1 and "safetensors" in proc.stderr
-    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint").exists()
+    # --overwrite-output-dir says to start over, but the earlier run's files go only once the new run has loaded its
+    # model and started its engine: this one cannot load its weights, and the earlier run stays as it was
+    proc = run_train(["--model", str(unloadable_model), "--overwrite-output-dir"], run)
+    assert proc.returncode == 1 and "ignore_mismatched_sizes" in proc.stderr
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert (run / "checkpoint" / "state.pt").read_bytes() == b"the earlier run's state"
+
+
+def test_resume_refuses_other_values_of_what_defines_the_run_in_one_line(tmp_path, capsys):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from train import Args
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, run / "checkpoint" / "model.safetensors")
+    saved = Args(output_dir=str(run), seed=3, m=2, lr=3e-5, total_steps=4)
+    torch.save({"step": 2, "args": dataclasses.asdict(saved)}, run / "checkpoint" / "state.pt")
+    # what may change (how long, evaluation, saving, threads, the engine) passes, with paths written another way
+    assert problems(capsys, output_dir=str(run), resume=True, seed=3, m=2, lr=3e-5, total_steps=30, eval_every=5,
+                    save_every=2, threads=1, engine="transformers", corpus=os.path.relpath(Args.corpus)) == []
+    # what defines the run does not: one line naming each flag with the checkpoint's value and the new one
+    lines = problems(capsys, output_dir=str(run), resume=True, seed=4, m=3, lr=1e-4, loss_level="token", total_steps=30)
+    assert len(lines) == 1 and lines[0].startswith(f"error: --resume: the run in {run} was started with other values")
+    for said in ("--seed 3 there, 4 now", "--m 2 there, 3 now", "--lr 3e-05 there, 0.0001 now", "--loss-level turn there, token now"):
+        assert said in lines[0], (said, lines[0])
+    assert "--total-steps" not in lines[0]
+
+
+def test_a_broken_cache_entry_is_one_line_naming_the_folder_to_delete(tmp_path, monkeypatch, tokenizer):
+    """A truncated weights file in the converted default model, then in a cached warm start (a cache of our own,
+    $ATPO_CACHE): each is refused before any model work, in one line that names the folder to delete."""
+    import engine
+    from default_model import NAME, default_model_path
+    from train import Args
+    from warm_start import warm_start_dir
+
+    cache = tmp_path / "cache"
+    shutil.copytree(default_model_path(), cache / NAME)
+    monkeypatch.setenv("ATPO_CACHE", str(cache))
+    warm = warm_start_dir(Args(dtype=engine.resolve_dtype("auto")))  # the run's cached warm start, in this cache
+    shutil.copytree(cache / NAME, warm)
+    (warm / "report.json").write_text("{}")
+    env = {**os.environ, "ATPO_CACHE": str(cache)}
+
+    def torn(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[:1000])
+
+    for broken, what, folder in [(warm, "the cached warm start", warm), (cache / NAME, "the converted default model", cache / NAME)]:
+        torn(broken / "model.safetensors")
+        proc = subprocess.run([sys.executable, "train.py", "--output-dir", str(tmp_path / "run")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith(f"error: {what}: {folder}/model.safetensors cannot be read") and lines[0].endswith(
+            f"delete {folder} ({'the next run builds it again' if folder == warm else 'the next run converts it again'})"), lines[0]
 
 
 def test_cli_error_is_one_line_and_fast():

@@ -40,7 +40,10 @@ def test_a_torn_last_line_is_left_out_and_a_torn_middle_line_is_an_error(tmp_pat
 
 @pytest.mark.parametrize("content, message", [(None, "no such file"), ("", "no metrics rows to draw"),
                                               ('{"step": 1, "char', "no metrics rows to draw"),
-                                              ('{"step": 1}\n[1,\n{"step": 2}\n', "line 2 is not JSON")])
+                                              ('{"step": 1}\n[1,\n{"step": 2}\n', "line 2 is not JSON"),
+                                              ('{"step": 1}\n[1, 2]\n', "line 2 is not a metrics row"),
+                                              ('{"step": "one"}\n', "line 1 is not a metrics row"),
+                                              ('{"charts/reward": 1.0}\n', "line 1 is not a metrics row")])
 def test_the_tool_refuses_a_missing_empty_or_torn_file_with_one_line(tmp_path, content, message):
     metrics = tmp_path / "metrics.jsonl"
     if content is not None:

@@ -29,6 +29,7 @@ from envs import (
     f1_score,
     format_passages,
     load_tasks,
+    read_corpus,
     normalize_answer,
     parse_action,
 )
@@ -404,12 +405,34 @@ def test_http_slow_server_times_out():
 
 @pytest.mark.parametrize(
     "body",
-    ["not json", {"results": []}, {"result": []}, {"result": [[{"document": {"id": "1"}, "score": 1.0}]]}, {"result": [["x"]]}],
+    ["not json", {"results": []}, {"result": []}, {"result": [[{"document": {"id": "1"}, "score": 1.0}]]}, {"result": [["x"]]},
+     # fields of the wrong type: never an observation of "{'a': 1}" or a score of NaN
+     {"result": [[{"document": {"id": "1", "contents": {"a": 1}}, "score": 1.0}]]},
+     {"result": [[{"document": {"id": "1", "contents": ["T", "x"]}, "score": 1.0}]]},
+     {"result": [[{"document": {"id": "1", "contents": "T\nx"}, "score": "1.0"}]]},
+     '{"result": [[{"document": {"id": "1", "contents": "T"}, "score": NaN}]]}',  # Python's json reads NaN
+     {"result": [[{"document": {"id": "1", "contents": "T\nx"}, "score": True}]]}],
 )
 def test_http_malformed_response(body):
     with ToyServer(lambda n, payload: (200, body)) as server:
         with pytest.raises(RetrievalError, match="malformed response"):
             HttpRetriever(server.url, retries=0).search(["q"], 1)
+
+
+def test_a_server_sending_more_or_longer_passages_than_asked_is_cut_to_the_run_and_counted(tokenizer):
+    """200 passages for --topk 3, each 4,400 characters without a title line: the observation holds 3, each cut to
+    --passage-chars, and the turn counts the 200 passages it cut (197 beyond topk, 3 too long)."""
+    def flood(n, payload):
+        return 200, {"result": [[{"document": {"id": str(j), "contents": "y" * 4400}, "score": 1.0} for j in range(200)]
+                                for _ in payload["queries"]]}
+
+    with ToyServer(flood) as server:
+        env = SearchEnv(tokenizer, HttpRetriever(server.url, retries=0), topk=3, passage_chars=50)
+        [result] = env.step([StepRequest(Task("q", ["a"]), [], encode(tokenizer, "<search> who </search>"), 1)])
+    observation = result.info["observation"]
+    assert observation.count("Doc ") == 3 and "Doc 4" not in observation
+    assert observation.count("y" * 50) == 3 and "y" * 51 not in observation
+    assert result.info["passages_cut"] == 200
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8000/retrieve", "ftp://127.0.0.1/retrieve", "http://"])
@@ -491,9 +514,10 @@ def test_format_penalty_only_without_an_answer(tokenizer, default_retriever):
 
 
 def test_passages_are_cut_to_length():
-    passages = [Passage("1", "Title\n" + "x" * 50, 2.0), Passage("2", "Other\nshort", 1.0)]
+    passages = [Passage("1", "Title\n" + "x" * 50, 2.0), Passage("2", "Other\nshort", 1.0), Passage("3", "z" * 30, 0.5)]
     text = format_passages(passages, 20)
-    assert text == "\n\n<information>Doc 1 (Title: Title) " + "x" * 20 + "\nDoc 2 (Title: Other) short</information>\n\n"
+    assert text == ("\n\n<information>Doc 1 (Title: Title) " + "x" * 20 + "\nDoc 2 (Title: Other) short\n"
+                    "Doc 3 (Title: " + "z" * 20 + ") </information>\n\n")  # no title line: all of it is the title, cut too
     assert format_passages([], 20) == "\n\n<information>No results.</information>\n\n"
 
 
@@ -519,3 +543,30 @@ def test_episode_through_the_tree_masks_observations(tokenizer, default_retrieve
         assert model_text == "".join(script)
         assert obs_text.count("<information>") == 2 and "<search>" not in obs_text
         assert tree.nodes[row.leaf].info["end"] == "answer"
+
+
+def test_every_field_has_its_type_checked_and_odd_files_are_read_or_named(tmp_path):
+    """NaN as an answer, a list as a data source or as a passage, a corpus of empty passages: each an error naming
+    the file and line; a byte-order mark is read; a directory is called a directory."""
+    def write(name: str, *records: str, bom: bool = False) -> Path:
+        path = tmp_path / name
+        path.write_text(("\ufeff" if bom else "") + "\n".join(records) + "\n", encoding="utf-8")
+        return path
+
+    refused = [
+        (load_tasks, write("nan.jsonl", '{"question": "Q?", "golden_answers": [NaN]}'), "line 1: answers must be a string"),
+        (load_tasks, write("source.jsonl", '{"question": "Q?", "golden_answers": ["Ann"], "data_source": ["x"]}'),
+         "line 1: data_source must be a string"),
+        (read_corpus, write("list.jsonl", '{"id": "1", "contents": ["T", "x"]}'), "line 1: the id must be a string or a number and contents a string"),
+        (read_corpus, write("nan_id.jsonl", '{"id": NaN, "contents": "T\\nx"}'), "line 1: the id must be"),
+        (read_corpus, write("blank.jsonl", '{"id": "1", "contents": ""}', '{"id": "2", "contents": "  "}'), "the corpus has no passage with text"),
+        (load_tasks, tmp_path, "is a directory, not a data file"),
+        (read_corpus, tmp_path, "is a directory, not a corpus file"),
+    ]
+    for reader, path, said in refused:
+        with pytest.raises(ValueError) as err:
+            reader(path)
+        assert str(path) in str(err.value) and said in str(err.value), (path, str(err.value))
+    tasks = load_tasks(write("bom.jsonl", '{"question": "Q?", "golden_answers": ["Ann", 1999]}', bom=True))
+    assert [(t.question, t.answers) for t in tasks] == [("Q?", ["Ann", "1999"])]  # a number is its text, on purpose
+    assert read_corpus(write("bom_corpus.jsonl", '{"id": 7, "contents": "T\\nx"}', bom=True)) == [{"id": "7", "contents": "T\nx"}]

@@ -267,6 +267,89 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(u
     assert difference <= 1e-6, difference
 
 
+def start_tiny_run(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *TINY, *THREE_STEPS, "--output-dir", str(out), *extra], cwd=ROOT,
+                            env=TINY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_run_holds_its_folder_and_a_start_over_that_cannot_start_deletes_nothing(uninterrupted, tmp_path, unloadable_model):
+    """Two real train.py in one folder: the second (--overwrite-output-dir) is refused in one line naming the first,
+    which runs on to its end; then a start over whose model cannot load leaves that run's files as they were."""
+    out = tmp_path / "run"
+    first = start_tiny_run(out)
+    while first.poll() is None and f"pid {first.pid}," not in ((out / "run.lock").read_text() if (out / "run.lock").exists() else ""):
+        time.sleep(0.05)
+    second = tiny_run(out, *THREE_STEPS, "--overwrite-output-dir")
+    assert second.returncode == 2 and second.stdout == "", second.stderr[-3000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output-dir {out} is in use by another run (pid {first.pid}, started ")
+    stdout, stderr = first.communicate(timeout=900)
+    assert first.returncode == 0 and "summary: 3 RL steps logged" in stdout, stderr[-3000:]
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
+    broken = tiny_run(out, "--overwrite-output-dir", "--model", str(unloadable_model))
+    assert broken.returncode == 1 and "ignore_mismatched_sizes" in broken.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.lock"} == files
+
+
+def test_ctrl_c_or_sigterm_stops_in_one_line_with_a_whole_checkpoint_kept(uninterrupted, tmp_path):
+    """SIGINT while a checkpoint is being written, then SIGTERM in the resumed run: each time one line (no traceback)
+    naming the checkpoint kept and the --resume command; no partial checkpoint is left; the run then resumes."""
+    from checkpoint import last_checkpoint
+
+    def writing_a_checkpoint(proc) -> bool:  # step 2's, written aside while step 1's is in place
+        return (out / "checkpoint.tmp").exists() and (out / "checkpoint").exists()
+
+    def loading_the_model(proc) -> bool:  # past the checks: the run holds the folder
+        return (out / "run.lock").exists() and f"pid {proc.pid}," in (out / "run.lock").read_text()
+
+    out = tmp_path / "run"
+    for sig, moment in [(signal.SIGINT, writing_a_checkpoint), (signal.SIGTERM, loading_the_model)]:
+        proc = start_tiny_run(out, *(["--resume"] if last_checkpoint(out) else []))
+        while proc.poll() is None and not moment(proc):
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=300)
+        last = stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+        assert last.startswith("stopped (Ctrl-C or SIGTERM); the last checkpoint is ") and last.endswith(" --resume"), last
+        assert not (out / "checkpoint.tmp").exists()
+        assert torch.load(last_checkpoint(out) / "state.pt", weights_only=False)["step"] >= 1
+    proc = start_tiny_run(out, "--resume")
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0 and "summary: 3 RL steps logged" in stdout, stderr[-3000:]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_leaves_no_partial_files(uninterrupted, tmp_path):
+    """Files past 100 MiB refused by the kernel (RLIMIT_FSIZE: the write fails as on a full disk): the first
+    checkpoint (540 MB of weights) fails, the run stops with one line naming the folder, its free space and what a
+    checkpoint takes, and leaves no checkpoint.tmp."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100 * 2**20, 100 * 2**20))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write returns EFBIG instead of the signal killing the process
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", *TINY, "--total-steps", "1", "--eval-questions", "0", "--output-dir",
+                           str(out)], cwd=ROOT, env=TINY_ENV, capture_output=True, text=True, timeout=900, preexec_fn=small_files)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith(f"error: the checkpoint of step 1 could not be written in {out} ("), last
+    assert "GiB free on its disk, a checkpoint takes about 1.5 GiB" in last and "no checkpoint was saved yet" in last
+    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint").exists()
+
+
+def test_a_checkpoint_takes_what_checkpoint_gib_says(uninterrupted):
+    """The estimate behind the disk note, against the size of a checkpoint the tiny run wrote (weights and AdamW)."""
+    from checkpoint import checkpoint_gib
+    from learner import load_policy
+
+    checkpoint = uninterrupted["out"] / "checkpoint"
+    on_disk = sum(p.stat().st_size for p in checkpoint.iterdir()) / 2**30
+    estimate = checkpoint_gib(load_policy(str(checkpoint), torch.device("cpu")), "adamw", save_optimizer=True)
+    assert estimate == pytest.approx(on_disk, rel=0.05)
+
+
 @contextlib.contextmanager
 def failing_retrieval_server(good_answers: int):
     """A /retrieve server on loopback that answers its first `good_answers` requests with one passage per query,

@@ -101,7 +101,12 @@ ROOT = {"parent": -1, "entropy": 0.0, "value": 0.0, "advantage": 0.0}
     (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "parent": 1}]}]), "node 1: parent must be an earlier node"),
     (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "entropy": float("nan")}]}]), "node 1: 'entropy' must be a finite number"),
     (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "value": "high"}]}]), "'value' must be a finite number"),
-    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "reward": None}]}]), "a leaf needs a numeric 'reward'"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "reward": None}]}]), "a leaf needs a finite 'reward'"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "reward": float("nan")}]}]), "a leaf needs a finite 'reward'"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "parent": True}]}]), "node 1: parent must be an earlier node"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "action": ["search"]}]}]), "node 1: 'action' must be text"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "content": {"q": 1}}]}]), "node 1: 'content' must be text"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "picked": "twice"}]}]), "node 1: 'picked' must be a count"),
     (json.dumps([{"nodes": [ROOT, GOOD_NODE]}, {"nodes": [ROOT, "x"]}]), "tree 1 node 1: expected an object"),
 ])
 def test_malformed_files_give_clear_errors(tmp_path, content, message):
@@ -118,13 +123,15 @@ def test_a_well_formed_minimal_file_loads(tmp_path):
     assert load_trees(path)[0]["nodes"][1]["reward"] == 1.0
 
 
-@pytest.mark.parametrize("content", [None, "{not json", "[]"])
+@pytest.mark.parametrize("content", [None, "{not json", "[]", "a folder"])
 def test_the_tool_refuses_a_missing_or_malformed_file_with_one_line(tmp_path, content):
     trees = tmp_path / "step_000010.json"
-    if content is not None:
+    if content == "a folder":
+        trees.mkdir()
+    elif content is not None:
         trees.write_text(content)
     proc = subprocess.run([sys.executable, "tree_picture.py", str(trees), "--out", str(tmp_path / "t.png")],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
     [line] = proc.stderr.strip().splitlines()
-    expected = {None: "no such file", "{not json": "not valid JSON", "[]": "holds 0 trees"}[content]
+    expected = {None: "no such file", "{not json": "not valid JSON", "[]": "holds 0 trees", "a folder": "is a directory"}[content]
     assert proc.returncode != 0 and line.startswith("error: ") and expected in line and not (tmp_path / "t.png").exists()

@@ -207,12 +207,16 @@ class BM25Retriever:
         digest = hashlib.sha256(Path(corpus_path).read_bytes()).hexdigest()[:16]
         self.index_dir = Path(cache_dir or default_cache_dir() / "bm25") / f"{Path(corpus_path).stem}-{digest}"
         self.built = not (self.index_dir / "params.index.json").exists()
+        if not self.built:
+            try:
+                self.index = bm25s.BM25.load(str(self.index_dir), show_progress=False)
+            except Exception as err:  # a cached index torn or half written: built again from the corpus
+                print(f"note: the cached BM25 index in {self.index_dir} cannot be read ({type(err).__name__}): built again")
+                self.built = True
         if self.built:
             self.index = bm25s.BM25()
             self.index.index(bm25s.tokenize([d["contents"] for d in self.corpus], show_progress=False), show_progress=False)
             self.index.save(str(self.index_dir), show_progress=False)
-        else:
-            self.index = bm25s.BM25.load(str(self.index_dir), show_progress=False)
 
     def search(self, queries: list[str], topk: int) -> list[list[Passage]]:
         import bm25s

@@ -229,6 +229,19 @@ def test_bm25_cache_is_reused_and_invalidated(tmp_path):
     assert changed.search(["word7"], 2) == [[]]
 
 
+def test_a_torn_cached_index_is_built_again_with_one_line(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": f"Title {i}\nword{i} text"}) + "\n" for i in range(20)))
+    first = BM25Retriever(corpus, cache_dir=tmp_path / "cache")
+    vocab = first.index_dir / "vocab.index.json"
+    vocab.write_text(vocab.read_text()[:10])  # a copy or a write cut short
+    again = BM25Retriever(corpus, cache_dir=tmp_path / "cache")
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith(f"note: the cached BM25 index in {first.index_dir} cannot be read (") and line.endswith("built again")
+    assert again.built and again.search(["word7"], 2) == first.search(["word7"], 2)
+    assert not BM25Retriever(corpus, cache_dir=tmp_path / "cache").built  # the rebuilt index reads
+
+
 def test_bad_corpus_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "1"}) + "\n")

@@ -37,9 +37,14 @@ def checkpoint_gib(model, optimizer_name: str, save_optimizer: bool) -> float:
     return (weights + moments) / 2**30
 
 
+def disk_room(output_dir: Path, model, args) -> tuple[float, float]:
+    """(GiB free on --output-dir's disk, GiB one checkpoint takes)."""
+    return shutil.disk_usage(output_dir).free / 2**30, checkpoint_gib(model, args.optimizer, args.save_optimizer)
+
+
 def say_if_disk_is_short(output_dir: Path, model, args) -> None:
     """Print one line where --output-dir's disk has less free than one checkpoint takes."""
-    need, free = checkpoint_gib(model, args.optimizer, args.save_optimizer), shutil.disk_usage(output_dir).free / 2**30
+    free, need = disk_room(output_dir, model, args)
     if free < need:
         print(f"note: {free:.1f} GiB free on the disk of {output_dir}, a checkpoint takes about {need:.1f} GiB: saving will fail")
 
@@ -61,7 +66,7 @@ def save_checkpoint(args, step: int, model, tokenizer, optimizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(err, Exception):
             raise
-        need, free = checkpoint_gib(model, args.optimizer, args.save_optimizer), shutil.disk_usage(output_dir).free / 2**30
+        free, need = disk_room(output_dir, model, args)
         raise CheckpointError(f"the checkpoint of step {step} could not be written in {output_dir} ({str(err)[:200]}; "
                               f"{free:.1f} GiB free on its disk, a checkpoint takes about {need:.1f} GiB)") from err
     if final.exists():

@@ -403,10 +403,11 @@ class SearchEnv:
             if request.turn_number >= self.max_turns:
                 results.append(self._end(info, "max_turns"))
                 continue
+            observation = INVALID_ACTION
             if i in passages:  # a server may send more passages than asked, or longer ones: cut, and counted
                 kept = passages[i][: self.topk]
                 info["passages_cut"] = len(passages[i]) - len(kept) + sum(max(len(p.title), len(p.text)) > self.passage_chars for p in kept)
-            observation = format_passages(kept, self.passage_chars) if i in passages else INVALID_ACTION
+                observation = format_passages(kept, self.passage_chars)
             obs_ids = self.tokenizer.encode(observation, add_special_tokens=False)
             if len(request.context_ids) + len(request.turn_ids) + len(obs_ids) >= self.max_length:
                 results.append(self._end(info, "max_length"))

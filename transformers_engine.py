@@ -123,7 +123,7 @@ class TransformersSampler:
 
     def forward(self) -> torch.Tensor:
         """One decoding step of the running rows (their last sampled tokens), and the queued turns that fit prefilled in
-        a forward of their own, then merged into the batch. Returns the next-token logits of every row, [B, V]."""
+        a forward of their own, then written into the batch. Returns the next-token logits of every row, [B, V]."""
         logits = []
         if self.rows:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
@@ -141,14 +141,13 @@ class TransformersSampler:
                 for layer, new in zip(self.cache.layers, cache.layers):
                     layer.add_rows(new.keys, new.values)
                 self.mask = torch.cat([self.mask, left_padded(mask[of_row], self.mask.shape[1], dim=1)])
-                self.position = torch.cat([self.position, position[of_row]])
             elif self.rows:  # into a larger room: twice the rows while the budget holds them at full length
                 longest = max(len(row.context) + row.max_tokens for row in self.rows + joining)
                 rows_room = min(2 * (len(self.rows) + len(joining)), self.budget // (longest * self.bytes_per_token))
                 self.cache, self.mask = merged(self.cache, self.mask, cache, mask[of_row], self.args.max_turn_tokens, rows_room)
-                self.position = torch.cat([self.position, position[of_row]])
             else:
-                self.cache, self.mask, self.position = cache, mask[of_row], position[of_row]
+                self.cache, self.mask = cache, mask[of_row]
+            self.position = torch.cat([self.position, position[of_row]]) if len(self.rows) else position[of_row]
             logits.append(new_logits[of_row])
             self.rows += joining
             release_freed_memory()  # the replaced cache and the prefill's activations back to the OS (else the heap only grows)

@@ -36,7 +36,8 @@ class Node:
     done: bool = False  # the turn ended the episode
     reward: float | None = None  # outcome reward, set at leaves
     info: dict = field(default_factory=dict)  # what the environment reports about the turn (action, end reason)
-    picked: int = 0  # how often select_expansion chose this node (each pick gave it one new sibling)
+    round: int = 0  # when it was sampled: 0 in the M chains, r in expansion round r
+    picked_in: list[int] = field(default_factory=list)  # the expansion rounds that picked it (each pick: one new sibling)
 
     @property
     def entropy(self) -> float:
@@ -106,10 +107,10 @@ class Tree:
             ids += self.nodes[n].token_ids + self.nodes[n].obs_ids
         return ids
 
-    def add(self, parent: int, token_ids: list[int], logprobs: list[float]) -> int:
+    def add(self, parent: int, token_ids: list[int], logprobs: list[float], round: int = 0) -> int:
         if len(token_ids) != len(logprobs):
             raise ValueError(f"a turn of {len(token_ids)} tokens came with {len(logprobs)} log-probs")
-        self.nodes.append(Node(parent=parent, token_ids=list(token_ids), logprobs=list(logprobs)))
+        self.nodes.append(Node(parent=parent, token_ids=list(token_ids), logprobs=list(logprobs), round=round))
         return len(self.nodes) - 1
 
     def trajectories(self) -> list[Trajectory]:
@@ -128,7 +129,7 @@ class Tree:
 
 
 def children_lists(parents: list[int]) -> list[list[int]]:
-    """The children of every node, in index order."""
+    """The children of every node, in index order (atpo_credit.children_of checks too: each file is copied alone)."""
     children: list[list[int]] = [[] for _ in parents]
     for node, parent in enumerate(parents[1:], start=1):
         children[parent].append(node)
@@ -144,6 +145,14 @@ def breadth_first(parents: list[int]) -> list[int]:
     return order
 
 
+def expansion_scores(parents: list[int], entropies: list[float], is_leaf: list[bool], alpha: float) -> dict[int, float]:
+    """Expansion score (§1.3) of every non-leaf node, in breadth-first order: score(n) = H(n) - alpha *
+    (children(parent(n)) - 1); the root's, -alpha * (children(root) - 1)."""
+    num_children = [len(c) for c in children_lists(parents)]
+    return {n: -alpha * (num_children[0] - 1) if n == 0 else entropies[n] - alpha * (num_children[parents[n]] - 1)
+            for n in breadth_first(parents) if not is_leaf[n]}
+
+
 def select_expansion(
     parents: list[int],
     entropies: list[float],
@@ -156,16 +165,16 @@ def select_expansion(
 ) -> list[int]:
     """Pick the K nodes to branch from (§1.3); each pick later gets one new re-sampled sibling.
 
-    entropy: score(n) = H(n) - alpha * (children(parent(n)) - 1), root: -alpha * (children(root) - 1); stable
-    sort descending over the non-leaf nodes in breadth-first order, top K, the sorted list repeated if shorter.
+    entropy: the top K by expansion_scores (a stable sort, descending, over the non-leaf nodes in breadth-first
+    order), the sorted list repeated if shorter.
     random: uniform over the candidates, with replacement only when there are fewer than K (needs `rng`).
     """
     if mode not in ("entropy", "random"):
         raise ValueError(f"mode must be 'entropy' or 'random', got {mode!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    num_children = [len(c) for c in children_lists(parents)]
-    candidates = [n for n in breadth_first(parents) if not is_leaf[n]]
+    scores = expansion_scores(parents, entropies, is_leaf, alpha)
+    candidates = list(scores)
     if not candidates:
         raise ValueError("no node to expand: every node is a leaf")
 
@@ -174,12 +183,7 @@ def select_expansion(
             raise ValueError("mode='random' needs an rng (random.Random(seed)) for reproducibility")
         return rng.sample(candidates, k) if len(candidates) >= k else rng.choices(candidates, k=k)
 
-    def score(n: int) -> float:
-        if n == 0:
-            return -alpha * (num_children[0] - 1)
-        return entropies[n] - alpha * (num_children[parents[n]] - 1)
-
-    ranked = sorted(candidates, key=score, reverse=True)  # Python's sort is stable, also with reverse=True
+    ranked = sorted(candidates, key=scores.get, reverse=True)  # Python's sort is stable, also with reverse=True
     return (ranked * math.ceil(k / len(ranked)))[:k]
 
 
@@ -210,7 +214,7 @@ class TreeGrower:
 
     mode: "entropy" (AT²PO), "random" (Tree-GRPO-style uniform picks, needs `rng`), or "chains"
     (M + L*K independent chains, i.e. GRPO sampling on the same budget). `sampler` and `step`: see the module
-    docstring. `add` starts a tree, also while others grow; `grown` runs until every tree added is complete.
+    docstring. `add` starts a tree, also while others grow; `grow` runs until every tree added is complete.
     """
 
     def __init__(
@@ -234,19 +238,19 @@ class TreeGrower:
         self.sampler, self.step, self.m, self.l, self.k, self.alpha, self.mode, self.rng = sampler, step, m, l, k, alpha, mode, rng
         self.trees: list[Tree] = []
         self.running: dict[Any, tuple[int, int, list[int]]] = {}  # sampler key -> (tree, node the turn follows, its context)
-        self.branches: list[int] = []  # branches of each tree's current round still running
+        self.branches_left: list[int] = []  # how many branches of each tree's current round are still running
         self.rounds_left: list[int] = []
 
     def add(self, prompt_ids: list[int], task: Any = None) -> Tree:
         """A new tree for this prompt; its M chains are submitted at once."""
         self.trees.append(Tree(list(prompt_ids), task))
-        self.branches.append(self.m)
+        self.branches_left.append(self.m)
         self.rounds_left.append(self.l)
         for _ in range(self.m):
             self._start(len(self.trees) - 1, 0)
         return self.trees[-1]
 
-    def grown(self) -> Iterator[Tree]:
+    def grow(self) -> Iterator[Tree]:
         """Samples until every tree added is complete (also those added meanwhile); yields each tree the moment its
         last leaf is done."""
         while self.running:
@@ -259,7 +263,7 @@ class TreeGrower:
                     raise ValueError(f"the sampler returned a turn it was not given or gave twice (key {key!r})")
                 t, parent, context = self.running.pop(key)
                 tree = self.trees[t]
-                c = tree.add(parent, ids, logprobs)
+                c = tree.add(parent, ids, logprobs, round=self.l - self.rounds_left[t])
                 grown.append((t, c))
                 requests.append(StepRequest(tree.task, context, tree.nodes[c].token_ids, len(tree.path(c))))
             results = self.step(requests)
@@ -275,10 +279,10 @@ class TreeGrower:
                 if not self.trees[t].nodes[c].done:
                     self._start(t, c)  # the branch goes on
                     continue
-                self.branches[t] -= 1
-                if self.branches[t] == 0 and self.rounds_left[t] > 0:
+                self.branches_left[t] -= 1
+                if self.branches_left[t] == 0 and self.rounds_left[t] > 0:
                     self._expand(t)
-                elif self.branches[t] == 0:
+                elif self.branches_left[t] == 0:
                     yield self.trees[t]
 
     def _start(self, t: int, node: int) -> None:
@@ -292,9 +296,9 @@ class TreeGrower:
         tree = self.trees[t]
         picks = select_expansion(tree.parents, tree.entropies, tree.is_leaf, self.k, alpha=self.alpha, mode=self.mode, rng=self.rng)
         for n in picks:
-            tree.nodes[n].picked += 1
+            tree.nodes[n].picked_in.append(self.l - self.rounds_left[t] + 1)
             self._start(t, max(tree.nodes[n].parent, 0))
-        self.branches[t], self.rounds_left[t] = self.k, self.rounds_left[t] - 1
+        self.branches_left[t], self.rounds_left[t] = self.k, self.rounds_left[t] - 1
 
 
 def grow_trees(prompts: list[list[int]], tasks: list[Any], sampler, step: Callable[[list[StepRequest]], list[StepResult]],
@@ -304,6 +308,6 @@ def grow_trees(prompts: list[list[int]], tasks: list[Any], sampler, step: Callab
         raise ValueError(f"{len(prompts)} prompts but {len(tasks)} tasks")
     grower = TreeGrower(sampler, step, **shape)
     trees = [grower.add(p, task) for p, task in zip(prompts, tasks)]
-    for _ in grower.grown():
+    for _ in grower.grow():
         pass
     return trees

@@ -45,7 +45,7 @@ def draw_trees(queues: list[list], wanted: list[int], grower: TreeGrower, prompt
         for _ in range(min(n, len(queue))):
             draw(i, 1)
     drawn, kept = [], []
-    for tree in grower.grown():
+    for tree in grower.grow():
         drawn.append(tree)
         i, count = draws[id(tree)]
         if not (drop_uniform and is_uniform(tree)):

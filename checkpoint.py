@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from atpo_credit import reward_mean_std, value_sources
+from atpo_tree import children_lists, expansion_scores
 from curves import load_metrics
 
 
@@ -158,16 +160,37 @@ class RunLog:
         return load_metrics(self.path)
 
 
-def tree_record(tree, values: torch.Tensor, advantages: torch.Tensor, tokenizer) -> dict:
-    """A rollout tree as JSON: per node its parent, action, entropy, expansion picks, value, advantage, leaf reward."""
+def tree_record(tree, values: torch.Tensor, advantages: torch.Tensor, tokenizer, args) -> dict:
+    """A rollout tree as JSON, with every number tree_explorer.py shows (it computes none): per node its turn, the
+    observation after it, entropy, the round that sampled it and those that picked it, value, what the value is the
+    weighted mean of (§2.2, normalised weights), advantage, leaf reward; per expansion round each candidate's score
+    (§1.3), ranked; the tree's reward mean and std (§2.1); the run's tree and credit settings."""
+    sources = value_sources(tree.parents, tree.entropies, args.value_mode)
     nodes = []
     for i, node in enumerate(tree.nodes):
+        total = sum(sources[i].values())
         nodes.append({
-            "parent": node.parent, "text": tokenizer.decode(node.token_ids), "entropy": node.entropy,
-            "action": node.info.get("action"), "content": node.info.get("content"), "end": node.info.get("end"),
-            "picked": node.picked, "reward": node.reward, "value": float(values[i]), "advantage": float(advantages[i]),
+            "parent": node.parent, "text": tokenizer.decode(node.token_ids), "observation": tokenizer.decode(node.obs_ids),
+            "entropy": node.entropy, "action": node.info.get("action"), "content": node.info.get("content"),
+            "end": node.info.get("end"), "round": node.round, "picked_in": node.picked_in, "reward": node.reward,
+            "value": float(values[i]), "advantage": float(advantages[i]), "value_from": [[s, w / total] for s, w in sources[i].items()],
         })
-    return {"question": tree.task.question, "answers": tree.task.answers, "nodes": nodes}
+    rounds = []
+    for r in sorted({n.round for n in tree.nodes[1:]} - {0}):
+        before = tree.nodes[: next(i for i, n in enumerate(tree.nodes) if n.round == r)]  # the tree as round r found it
+        parents = [n.parent for n in before]
+        scores = expansion_scores(parents, [n.entropy for n in before], [n.done for n in before], args.alpha)
+        children = [len(c) for c in children_lists(parents)]
+        ranked = sorted(scores, key=scores.get, reverse=True) if args.expansion == "entropy" else []  # random picks: no scores
+        rounds.append({
+            "round": r, "nodes_before": len(before), "picks": [i for i, n in enumerate(tree.nodes) for p in n.picked_in if p == r],
+            "ranked": [{"node": n, "entropy": before[n].entropy, "children_of_parent": children[parents[n]] if n else children[0],
+                        "score": scores[n]} for n in ranked],
+        })
+    mean, std = reward_mean_std([tree.nodes[leaf].reward for leaf in tree.leaves()])
+    settings = {key: getattr(args, key) for key in ("m", "l", "k", "alpha", "expansion", "value_mode", "adv_mode")}
+    return {"question": tree.task.question, "answers": tree.task.answers, "settings": settings, "reward_mean": mean,
+            "reward_std": std, "rounds": rounds, "nodes": nodes}
 
 
 def write_trees(path: Path, records: list[dict]) -> None:

@@ -157,5 +157,5 @@ def summary(rows: list[dict], output_dir: Path, seconds: float) -> str:
     lines += [f"  checkpoint  {output_dir / 'checkpoint'}",
               f"  metrics     {output_dir / 'metrics.jsonl'}  (curves: {output_dir / 'curves.png'})"]
     if trees:
-        lines.append(f"  trees       {output_dir / 'trees'}  (draw one: .venv/bin/python tree_picture.py {trees[-1]} --out tree.png)")
+        lines.append(f"  trees       {output_dir / 'trees'}  (explore: .venv/bin/python tree_explorer.py {trees[-1]} --out trees.html)")
     return "\n".join(lines)

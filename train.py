@@ -293,7 +293,7 @@ def main(args: Args) -> None:
         t0 = time.time()
         rows, credit = training_rows(trees, args)
         save_trees = args.save_trees_every > 0 and step % args.save_trees_every == 0
-        records = [tree_record(tree, *c, tokenizer) for tree, c in zip(trees, credit)] if save_trees else []
+        records = [tree_record(tree, *c, tokenizer, args) for tree, c in zip(trees, credit)] if save_trees else []
         t_credit = time.time() - t0
 
         # ---- 3. update: the ATPO loss (§3), plus the --kl-coef and --demo-coef terms (the engine asleep on a GPU)

@@ -46,8 +46,9 @@ def load_trees(path: str | Path) -> list[dict]:
             for key in ("action", "content", "end", "text"):
                 if node.get(key) is not None and not isinstance(node[key], str):
                     raise ValueError(f"{where} node {i}: '{key}' must be text, got {node[key]!r:.80}")
-            if isinstance(node.get("picked"), bool) or not isinstance(node.get("picked", 0), int) or node.get("picked", 0) < 0:
-                raise ValueError(f"{where} node {i}: 'picked' must be a count, got {node.get('picked')!r}")
+            picked_in = node.get("picked_in", [])
+            if not (isinstance(picked_in, list) and all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in picked_in)):
+                raise ValueError(f"{where} node {i}: 'picked_in' must be a list of expansion rounds, got {picked_in!r:.80}")
     return trees
 
 
@@ -81,7 +82,7 @@ def shorten(text: str, width: int) -> str:
 def node_label(node: dict) -> str:
     action = node.get("action") or "?"
     lines = [f"{action}: {shorten(node.get('content') or '', 22)}" if action in ("search", "answer") else shorten(action, 24)]
-    lines.append(f"H {node['entropy']:.2f}" + (f"  picked ×{node['picked']}" if node.get("picked") else ""))
+    lines.append(f"H {node['entropy']:.2f}" + (f"  picked ×{len(node['picked_in'])}" if node.get("picked_in") else ""))
     lines.append(f"V {node['value']:.2f}  A {node['advantage']:+.2f}")
     if node.get("end"):
         lines.append(f"reward {node['reward']:.2f} ({node['end']})")
@@ -114,7 +115,7 @@ def render(tree: dict, out: str | Path) -> None:
             text = node_label(node)
             reward = min(max(node.get("reward") or 0.0, 0.0), 1.0)
             face = "0.93" if i in has_children else tuple(0.45 + 0.55 * c for c in cmap(reward)[:3])  # lightened
-            edge, width = ("#ff8c00", 2.5) if node.get("picked") else ("0.3", 1.0)
+            edge, width = ("#ff8c00", 2.5) if node.get("picked_in") else ("0.3", 1.0)
         ax.text(x, -d, text, ha="center", va="center", fontsize=6.5, zorder=2,
                 bbox={"boxstyle": "round,pad=0.35", "facecolor": face, "edgecolor": edge, "linewidth": width})
     ax.set_xlim(-0.7, max(leaves - 0.3, 0.7))

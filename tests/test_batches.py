@@ -23,7 +23,7 @@ def test_uniform_trees_are_dropped_and_replaced_from_their_own_source():
             self.queue.append(episode_tree(task, [(["answer"], 1.0), (["answer"], 1.0 if task.question in uniform else 0.0)]))
             return self.queue[-1]
 
-        def grown(self):
+        def grow(self):
             while self.queue:
                 self.events.append(f"done {self.queue[0].task.question}")
                 yield self.queue.pop(0)

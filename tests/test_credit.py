@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from atpo_credit import backup, token_advantages
+from atpo_credit import backup, token_advantages, value_sources
 
 # root 0 -> turns 1, 2; turn 1 -> leaves 3, 4; 2 is a leaf.
 PARENTS = [-1, 0, 0, 1, 1]
@@ -34,21 +34,30 @@ def test_child_softmax_by_hand():
 
 
 def test_leaf_mean_by_hand():
-    values, _ = backup(PARENTS, ENTROPIES, REWARDS, value_mode="leaf_mean", normalize=False)
-    # raw rewards: node 1 sees leaves 3, 4; the root sees 2, 3, 4 (not the mean of its children, 0.75)
-    assert values.tolist() == pytest.approx([2 / 3, 0.5, 1.0, 1.0, 0.0], abs=1e-12)
-    values, _ = backup(PARENTS, ENTROPIES, REWARDS, value_mode="child_mean", normalize=False)
-    assert values.tolist() == pytest.approx([0.75, 0.5, 1.0, 1.0, 0.0], abs=1e-12)
+    values, _ = backup(PARENTS, ENTROPIES, REWARDS, value_mode="leaf_mean")
+    # node 1 sees leaves 3, 4; the root sees 2, 3, 4, whose z-scores add up to 0 (not the mean of its children)
+    assert values.tolist() == pytest.approx([0.0, (V_WIN + V_LOSE) / 2, V_WIN, V_WIN, V_LOSE], abs=1e-12)
 
 
 def test_advantage_modes_by_hand():
-    raw = dict(value_mode="child_mean", normalize=False)  # values [0.75, 0.5, 1, 1, 0]
-    _, adv = backup(PARENTS, ENTROPIES, REWARDS, adv_mode="diff_parent", **raw)
-    assert adv.tolist() == pytest.approx([0.75, 0.5 - 0.75, 1 - 0.75, 1 - 0.5, 0 - 0.5])
-    _, adv = backup(PARENTS, ENTROPIES, REWARDS, adv_mode="diff_global", **raw)
-    assert adv.tolist() == pytest.approx([0.75, 0.5 - 0.75, 1 - 0.75, 1 - 0.75, 0 - 0.75])
-    _, adv = backup(PARENTS, ENTROPIES, REWARDS, adv_mode="diff_localglobal", **raw)
-    assert adv.tolist() == pytest.approx([0.75, -0.5, 0.5, 0.5 + 0.25, -0.5 - 0.75])
+    v1 = (V_WIN + V_LOSE) / 2  # child_mean: values [v0, v1, W, W, L]
+    v0 = (v1 + V_WIN) / 2
+    _, adv = backup(PARENTS, ENTROPIES, REWARDS, value_mode="child_mean", adv_mode="diff_parent")
+    assert adv.tolist() == pytest.approx([v0, v1 - v0, V_WIN - v0, V_WIN - v1, V_LOSE - v1], abs=1e-12)
+    _, adv = backup(PARENTS, ENTROPIES, REWARDS, value_mode="child_mean", adv_mode="diff_global")
+    assert adv.tolist() == pytest.approx([v0, v1 - v0, V_WIN - v0, V_WIN - v0, V_LOSE - v0], abs=1e-12)
+    _, adv = backup(PARENTS, ENTROPIES, REWARDS, value_mode="child_mean", adv_mode="diff_localglobal")
+    assert adv.tolist() == pytest.approx([v0, 2 * v1 - 2 * v0, 2 * V_WIN - 2 * v0, 2 * V_WIN - v1 - v0,
+                                          2 * V_LOSE - v1 - v0], abs=1e-12)
+
+
+def test_value_sources_by_hand():
+    """The weights behind each value (what the tree explorer shows): exp(H - max H) of the children, 1 for a mean."""
+    softmax = value_sources(PARENTS, ENTROPIES, "child_softmax")
+    assert softmax[1] == pytest.approx({3: math.exp(-1.0), 4: 1.0}) and softmax[0] == pytest.approx({1: 1.0, 2: math.exp(-0.2)})
+    assert softmax[2] == softmax[3] == softmax[4] == {}
+    assert value_sources(PARENTS, ENTROPIES, "child_mean")[0] == {1: 1.0, 2: 1.0}
+    assert value_sources(PARENTS, ENTROPIES, "leaf_mean")[0] == {2: 1.0, 3: 1.0, 4: 1.0}
 
 
 @pytest.mark.parametrize("value_mode", ["child_softmax", "child_mean", "leaf_mean"])

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from atpo_credit import backup
-from atpo_tree import BatchSampler, StepResult, Tree, TreeGrower, breadth_first, grow_trees, select_expansion
+from atpo_tree import BatchSampler, StepResult, Tree, TreeGrower, breadth_first, expansion_scores, grow_trees, select_expansion
 
 ANSWER, SEARCH = 1, 2
 
@@ -67,6 +67,9 @@ def test_alpha_penalises_nodes_with_many_siblings():
     # node 4 has two siblings: score 0.6 - 2 alpha; node 2 has one: 0.5 - alpha; node 1: 0.1 - alpha
     assert select_expansion(parents, entropies, is_leaf, 4, alpha=0.05) == [4, 2, 1, 0]  # 0.5, 0.45, 0.05, -0.05
     assert select_expansion(parents, entropies, is_leaf, 4, alpha=0.2) == [2, 4, 1, 0]  # 0.3, 0.2, -0.1, -0.2
+    scores = expansion_scores(parents, entropies, is_leaf, alpha=0.2)
+    assert list(scores) == [0, 1, 2, 4]  # breadth-first, leaves left out
+    assert [round(scores[n], 12) for n in scores] == [-0.2, -0.1, 0.3, 0.2]
 
 
 def test_ties_keep_breadth_first_order():
@@ -111,6 +114,19 @@ def test_leaf_count_and_batched_generation(mode):
             assert all(tree.parents.count(i) <= 1 for i in range(1, len(tree.nodes)))
 
 
+def test_nodes_record_their_round_and_the_rounds_that_picked_them():
+    world = ScriptedWorld(seed=5)
+    tree = grow_trees([[5]], [None], BatchSampler(world.generate), world.step, m=3, l=2, k=2)[0]
+    rounds = [n.round for n in tree.nodes[1:]]
+    assert rounds == sorted(rounds)  # a round starts when the previous one has ended: nodes are in round order
+    assert [sum(tree.nodes[n].round == r for n in tree.leaves()) for r in range(3)] == [3, 2, 2]
+    for r in (1, 2):  # round r's picks: select_expansion on the tree as the rounds before r left it
+        before = rounds.index(r) + 1
+        prefix = tree.nodes[:before]
+        picks = select_expansion([n.parent for n in prefix], [n.entropy for n in prefix], [n.done for n in prefix], 2)
+        assert sorted(i for i, n in enumerate(tree.nodes) for p in n.picked_in if p == r) == sorted(picks)
+
+
 def test_expansion_branches_from_the_parents_of_the_picks():
     world = ScriptedWorld(seed=3)
     trees = grow_trees([[5]], [None], BatchSampler(world.generate), world.step, m=4, l=0)
@@ -120,9 +136,9 @@ def test_expansion_branches_from_the_parents_of_the_picks():
     world2 = ScriptedWorld(seed=3)
     expanded = grow_trees([[5]], [None], BatchSampler(world2.generate), world2.step, m=4, l=1, k=5)[0]
     # the picks are recorded on the nodes (a node picked twice counts 2), the chains are the same (same seed)
-    assert [n.picked for n in expanded.nodes[:before]] == [picks.count(i) for i in range(before)]
-    assert sum(n.picked for n in expanded.nodes) == 5
-    assert [dataclasses.replace(n, picked=0) for n in expanded.nodes[:before]] == tree.nodes
+    assert [len(n.picked_in) for n in expanded.nodes[:before]] == [picks.count(i) for i in range(before)]
+    assert sum(len(n.picked_in) for n in expanded.nodes) == 5
+    assert [dataclasses.replace(n, picked_in=[]) for n in expanded.nodes[:before]] == tree.nodes
     new_roots = [i for i in range(before, len(expanded.nodes)) if expanded.parents[i] < before]
     assert sorted(expanded.parents[i] for i in new_roots) == sorted(max(tree.parents[n], 0) for n in picks)
     # each re-sampled sibling was generated from exactly its parent's state
@@ -236,7 +252,7 @@ def canonical(tree, node=0):
     """A tree as nested tuples, children sorted: equal for trees that differ only in node numbering."""
     n = tree.nodes[node]
     children = sorted(canonical(tree, c) for c in range(len(tree.nodes)) if tree.parents[c] == node)
-    return (tuple(n.token_ids), tuple(n.logprobs), tuple(n.obs_ids), n.done, n.reward, n.picked, tuple(children))
+    return (tuple(n.token_ids), tuple(n.logprobs), tuple(n.obs_ids), n.done, n.reward, tuple(n.picked_in), tuple(children))
 
 
 @pytest.mark.parametrize("mode", ["entropy", "chains"])
@@ -271,12 +287,12 @@ def test_a_tree_expands_without_waiting_for_the_others():
 
 
 def test_a_tree_added_while_others_grow_is_grown_too():
-    """TreeGrower.grown yields each tree when it is complete; a tree added then (a dynamic-sampling refill) is grown
+    """TreeGrower.grow yields each tree when it is complete; a tree added then (a dynamic-sampling refill) is grown
     alongside the rest, to its full M + L*K leaves."""
     grower = TreeGrower(ShuffledSampler(ContextWorld(), 0), ScriptedWorld().step, m=2, l=1, k=2)
     first = [grower.add([5], "a"), grower.add([6], "b")]
     done = []
-    for tree in grower.grown():
+    for tree in grower.grow():
         assert len(tree.leaves()) == 4 and all(tree.nodes[n].reward is not None for n in tree.leaves())
         done.append(tree.task)
         if tree.task == "a":

@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,7 +30,7 @@ def random_tree(tokenizer, leaves: int, seed: int) -> Tree:
             n = tree.nodes[node]
             n.info = {"action": "answer" if last else "search", "content": text.split(">")[1].split("<")[0].strip(),
                       "end": "answer" if last else None}
-            n.picked = rng.randint(0, 1)
+            n.picked_in = [1] * rng.randint(0, 1)
             if last:
                 n.done, n.reward = True, float(rng.random() < 0.5)
                 break
@@ -41,12 +42,15 @@ def random_tree(tokenizer, leaves: int, seed: int) -> Tree:
     return tree
 
 
+SETTINGS = SimpleNamespace(m=3, l=2, k=2, alpha=0.05, expansion="entropy", value_mode="child_softmax", adv_mode="node_value")
+
+
 def records_of(tokenizer, trees: list[Tree]) -> list[dict]:
     out = []
     for tree in trees:
         rewards = {leaf: tree.nodes[leaf].reward for leaf in tree.leaves()}
         values, advantages = backup(tree.parents, tree.entropies, rewards)
-        out.append(tree_record(tree, values, advantages, tokenizer))
+        out.append(tree_record(tree, values, advantages, tokenizer, SETTINGS))
     return out
 
 
@@ -59,7 +63,7 @@ def test_round_trip_keeps_structure_and_numbers(tokenizer, tmp_path):
     for tree, record in zip(trees, loaded):
         assert [n["parent"] for n in record["nodes"]] == tree.parents
         assert [n["entropy"] for n in record["nodes"]] == tree.entropies
-        assert [n["picked"] for n in record["nodes"]] == [n.picked for n in tree.nodes]
+        assert [n["picked_in"] for n in record["nodes"]] == [n.picked_in for n in tree.nodes]
         assert [n["reward"] for n in record["nodes"]] == [n.reward for n in tree.nodes]
         assert record["nodes"][3]["text"] == tokenizer.decode(tree.nodes[3].token_ids)
 
@@ -81,10 +85,10 @@ def test_layout_by_hand():
 
 
 def test_node_label():
-    node = {"action": "search", "content": "Bus Lovun works for Brelta Holdings in", "entropy": 0.349, "picked": 2,
+    node = {"action": "search", "content": "Bus Lovun works for Brelta Holdings in", "entropy": 0.349, "picked_in": [1, 2],
             "value": 0.5, "advantage": -0.25, "end": None, "reward": None}
     assert node_label(node) == "search: Bus Lovun works for B…\nH 0.35  picked ×2\nV 0.50  A -0.25"
-    leaf = {"action": "answer", "content": "Razil", "entropy": 0.1, "picked": 0, "value": 1.0, "advantage": 0.5,
+    leaf = {"action": "answer", "content": "Razil", "entropy": 0.1, "picked_in": [], "value": 1.0, "advantage": 0.5,
             "end": "answer", "reward": 1.0}
     assert node_label(leaf) == "answer: Razil\nH 0.10\nV 1.00  A +0.50\nreward 1.00 (answer)"
 
@@ -106,7 +110,8 @@ ROOT = {"parent": -1, "entropy": 0.0, "value": 0.0, "advantage": 0.0}
     (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "parent": True}]}]), "node 1: parent must be an earlier node"),
     (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "action": ["search"]}]}]), "node 1: 'action' must be text"),
     (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "content": {"q": 1}}]}]), "node 1: 'content' must be text"),
-    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "picked": "twice"}]}]), "node 1: 'picked' must be a count"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "picked_in": 2}]}]), "node 1: 'picked_in' must be a list of expansion rounds"),
+    (json.dumps([{"nodes": [ROOT, {**GOOD_NODE, "picked_in": [0]}]}]), "node 1: 'picked_in' must be a list of expansion rounds"),
     (json.dumps([{"nodes": [ROOT, GOOD_NODE]}, {"nodes": [ROOT, "x"]}]), "tree 1 node 1: expected an object"),
 ])
 def test_malformed_files_give_clear_errors(tmp_path, content, message):

@@ -7,16 +7,31 @@ log-prob, by path (one padded row per trajectory, `token_log_probs`) or by tree 
 """
 
 import math
+from dataclasses import dataclass
 
 import psutil
 import torch
 
 from atpo_packing import PackedTrees, pack_trees, tree_attention
+from atpo_tree import Trajectory
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # of the trainer (vLLM picks its own)
 TREE_ATTENTION = "atpo_tree"
 # bytes kept for the backward per token, layer and hidden unit, measured on the default model (docs/notes.md)
 ACTIVATION_BYTES = {"float32": 95, "bfloat16": 70}
+
+
+@dataclass
+class TrainingRow:
+    """One trajectory of a step's trees, with its credit: what the update trains on (train.training_rows)."""
+
+    tree: int  # its tree's index in the step's list
+    traj: Trajectory
+    advantages: torch.Tensor  # [T] float32: each response token's turn advantage (§2.4), 0 on observations
+    old_log_probs: torch.Tensor | None = None  # [T] pi_old, kept for the optimizer steps after a batch's first
+
+    def has_model_tokens(self) -> bool:
+        return any(self.traj.response_mask)
 
 
 def pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:
@@ -119,26 +134,26 @@ def fit_checkpointing(model, tokens: int, mode: str, dtype: str) -> None:
             model.gradient_checkpointing_disable()
 
 
-def response_log_probs(model, unit: list[dict], trees: list, args, pad_id: int) -> torch.Tensor:
+def response_log_probs(model, unit: list[TrainingRow], trees: list, args, pad_id: int) -> torch.Tensor:
     """log pi of every response token of the unit's rows (train.training_rows): [B, T] float32, junk where the
     response mask is 0. By path, one padded row per trajectory; by tree, the unit's trees packed into one row."""
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
         if args.packing == "tree":
-            order = list(dict.fromkeys(r["tree"] for r in unit))  # the unit's trees, in the order of its rows
-            leaves = [[r["traj"].leaf for r in unit if r["tree"] == t] for t in order]
-            if [(r["tree"], r["traj"].leaf) for r in unit] != [(t, leaf) for t, ls in zip(order, leaves) for leaf in sorted(ls)]:
+            order = list(dict.fromkeys(r.tree for r in unit))  # the unit's trees, in the order of its rows
+            leaves = [[r.traj.leaf for r in unit if r.tree == t] for t in order]
+            if [(r.tree, r.traj.leaf) for r in unit] != [(t, leaf) for t, ls in zip(order, leaves) for leaf in sorted(ls)]:
                 raise ValueError("tree packing needs each tree's rows together, in leaf order")
             packed = pack_trees([trees[t] for t in order], leaves)
             fit_checkpointing(model, len(packed.input_ids), args.gradient_checkpointing, args.dtype)
             flat = packed_token_log_probs(model, packed, args.temperature, DEVICE, args.logprob_chunk)  # [N]
             return flat[pad(packed.rows, 0, torch.long).to(DEVICE)]
-        prompts = [trees[r["tree"]].prompt_ids for r in unit]
-        ids = [p + r["traj"].response_ids for p, r in zip(prompts, unit)]
-        loss_mask = [[0] * len(p) + r["traj"].response_mask for p, r in zip(prompts, unit)]
+        prompts = [trees[r.tree].prompt_ids for r in unit]
+        ids = [p + r.traj.response_ids for p, r in zip(prompts, unit)]
+        loss_mask = [[0] * len(p) + r.traj.response_mask for p, r in zip(prompts, unit)]
         fit_checkpointing(model, len(ids) * max(map(len, ids)), args.gradient_checkpointing, args.dtype)
         full = token_log_probs(model, pad(ids, pad_id, torch.long).to(DEVICE), pad([[1] * len(i) for i in ids], 0, torch.long).to(DEVICE),
                                pad(loss_mask, 0, torch.long).to(DEVICE), args.temperature, args.logprob_chunk)  # [B, L-1]
-        index = [[len(p) - 1 + j for j in range(len(r["traj"].response_ids))] for p, r in zip(prompts, unit)]
+        index = [[len(p) - 1 + j for j in range(len(r.traj.response_ids))] for p, r in zip(prompts, unit)]
         return full.gather(1, pad(index, 0, torch.long).to(DEVICE))
 
 
@@ -154,7 +169,7 @@ def safe_attention(device: torch.device):
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def micro_batches(groups: list[list[dict]], trees: list, args) -> list[list[dict]]:
+def micro_batches(groups: list[list[TrainingRow]], trees: list, args) -> list[list[TrainingRow]]:
     """The rows of `groups` (a whole tree's rows each with tree packing, one trajectory each by path) in forward/backward
     units: --micro-batch groups each, or with --micro-batch-tokens as many as fit that many tokens, a tree larger
     than that split along its paths (shared turns then computed once per piece; the same gradient)."""
@@ -170,7 +185,7 @@ def micro_batches(groups: list[list[dict]], trees: list, args) -> list[list[dict
     for group in groups:
         piece, seen, size = [], set(), 0
         for row in group:
-            tree, leaf = trees[row["tree"]], row["traj"].leaf
+            tree, leaf = trees[row.tree], row.traj.leaf
             if piece and size + added(tree, leaf, seen) > budget:
                 pieces.append((piece, size))
                 piece, seen, size = [], set(), 0
@@ -202,6 +217,35 @@ def adamw(params, lr: float, kind: str = "adamw") -> torch.optim.Optimizer:
 
         return bitsandbytes.optim.AdamW8bit(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr, fused=True)
+
+
+def keep_old_log_probs(model, minibatch: list[list[TrainingRow]], trees: list, args, pad_id: int) -> None:
+    """pi_old (§3.6) of the rows an optimizer step after the batch's first trains on: their log-probs under the weights
+    that sampled them, taken before the first step changes those weights."""
+    with torch.no_grad():
+        for unit in micro_batches(minibatch, trees, args):
+            for row, old in zip(unit, response_log_probs(model, unit, trees, args, pad_id).cpu()):
+                row.old_log_probs = old[: len(row.traj.response_ids)]
+
+
+def padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row 1-D tensors -> one [B, max length] tensor on DEVICE, zeros behind."""
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(DEVICE)
+
+
+def sampler_gap(unit: list[TrainingRow], log_probs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |sampler's log-prob - trainer's| over the unit's model tokens: what the weight sync and the two engines'
+    numerics leave between them (log_probs, mask: [B, T])."""
+    sampler = pad([r.traj.sampler_logprobs for r in unit], 0.0, torch.float32).to(DEVICE)
+    return ((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1)
+
+
+def fill_missing_gradients(model) -> None:
+    """Zeros for the parameters no micro-batch gave a gradient (every unit skipped): AdamW then steps on zeros, as it
+    would have had they run."""
+    for param in model.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
 
 
 def clip_and_step(model, optimizer, max_grad_norm: float) -> float:

@@ -40,7 +40,8 @@ from curves import draw_curves
 from default_model import default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, build_prompt
 from evaluation import evaluate, held_out, mean, rollout_stats
-from learner import DEVICE, adamw, clip_and_step, load_policy, micro_batches, pad, response_log_probs
+from learner import (DEVICE, TrainingRow, adamw, clip_and_step, fill_missing_gradients, keep_old_log_probs, load_policy,
+                     micro_batches, pad, padded, response_log_probs, sampler_gap)
 from memory import release_freed_memory, resident_gib
 
 MAX_NONFINITE_IN_A_ROW = 3  # steps whose update had a non-finite loss or gradient, in a row, before the run stops
@@ -280,6 +281,8 @@ def main(args: Args) -> None:
         # ---- 1. rollout: one turn-level tree per question (§1), every request seeded from (seed, step); with
         # --drop-uniform-trees a uniform tree is replaced at once while the others grow on (§5.1)
         t0 = time.time()
+        # from (seed, step) alone, so a resumed run draws what an unbroken one would: questions, request seeds, random
+        # picks, minibatch order, transcripts
         step_rng = random.Random(args.seed * 1_000_003 + step)
         queues, wanted = step_queues(pools, args.prompts_per_step, step, step_rng)
         env_start = env.seconds
@@ -315,7 +318,7 @@ def main(args: Args) -> None:
             **rollout_stats(drawn),  # what the policy did: every tree grown this step, dropped ones too
             "charts/trees_trained": len(trees),
             "charts/leaves": len(rows),
-            "charts/trained_tokens": sum(sum(r["traj"].response_mask) for r in rows),
+            "charts/trained_tokens": sum(sum(r.traj.response_mask) for r in rows),
             **losses,
             "time/rollout": t_rollout, "time/env": env.seconds - env_start, "time/credit": t_credit, "time/train": t_train,
             "time/sync": t_sync, "time/step": time.time() - step_start, "memory/resident_gib": resident_gib(),
@@ -347,7 +350,7 @@ def main(args: Args) -> None:
     print(summary(rows, output_dir, time.time() - run_start))
 
 
-def training_rows(trees: list[Tree], args: Args) -> tuple[list[dict], list[tuple[torch.Tensor, torch.Tensor]]]:
+def training_rows(trees: list[Tree], args: Args) -> tuple[list[TrainingRow], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Credit (§2) for every tree, and one training row per leaf: its trajectory and per-token advantages (§2.4).
     Returns the rows and each tree's (node values, node advantages)."""
     rows, credit = [], []
@@ -357,70 +360,53 @@ def training_rows(trees: list[Tree], args: Args) -> tuple[list[dict], list[tuple
         credit.append((values, node_adv))
         for traj in tree.trajectories():
             advantages = token_advantages(node_adv.float(), torch.tensor(traj.token_nodes), torch.tensor(traj.response_mask))
-            rows.append({"tree": t, "traj": traj, "advantages": advantages.tolist(),
-                         "info": tree.nodes[traj.leaf].info, "turns": len(tree.path(traj.leaf))})
+            rows.append(TrainingRow(t, traj, advantages))
     return rows, credit
 
 
-def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], demo_pools: list[list[dict]], tokenizer,
+def update(model, reference, optimizer, rows: list[TrainingRow], trees: list[Tree], demo_pools: list[list[dict]], tokenizer,
            pad_id: int, rng: random.Random, args: Args) -> dict[str, float]:
     """One step's update: `num_minibatches` optimizer steps, each accumulated over micro-batches (`micro_batch`
     trajectories by path, or whole trees packed into one row) of
         policy_coef * ATPO loss (§3) + kl_coef * KL(pi || start policy) + demo_coef * NLL(gold transcripts) (§5.3).
     Returns the losses/ metrics and time/old_log_prob."""
-    t0 = time.time()
     model.train()
     # a group stays together in a micro-batch: a whole tree (tree packing) or one trajectory (path)
-    groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if args.packing == "tree" else [[r] for r in rows]
-
-    t_old = 0.0
-    if args.num_minibatches > 1:  # pi_old must be fixed before the first update changes the weights
-        with torch.no_grad():
-            for unit in micro_batches(groups, trees, args):
-                old = response_log_probs(model, unit, trees, args, pad_id)
-                for row, o in zip(unit, old.cpu()):
-                    row["old_log_probs"] = o[: len(row["traj"].response_ids)].tolist()
-        t_old = time.time() - t0
+    groups = [[r for r in rows if r.tree == t] for t in range(len(trees))] if args.packing == "tree" else [[r] for r in rows]
     order = rng.sample(range(len(groups)), len(groups))
-    losses, clip_fracs, kls, kls_to_start, mismatch, grad_norms, demo_nlls = [], [], [], [], [], [], []
-    for mb in range(args.num_minibatches if trees else 0):  # no tree kept: no update
-        minibatch = [groups[i] for i in order[mb :: args.num_minibatches]]
-        live = sum(any(r["traj"].response_mask) for g in minibatch for r in g)  # the loss's row count
+    minibatches = [[groups[i] for i in order[mb :: args.num_minibatches]] for mb in range(args.num_minibatches)] if trees else []
+    t0 = time.time()
+    for later in minibatches[1:]:  # their pi_old, before the first optimizer step changes the weights
+        keep_old_log_probs(model, later, trees, args, pad_id)
+    t_old = time.time() - t0
+    losses, clip_fracs, kls, kls_to_start, gaps, grad_norms, demo_nlls = [], [], [], [], [], [], []
+    for minibatch in minibatches:
+        live = sum(r.has_model_tokens() for g in minibatch for r in g)  # the rows its loss averages over (§3.5)
         optimizer.zero_grad()
         for unit in micro_batches(minibatch, trees, args):
-            if args.kl_coef == 0 and (args.policy_coef == 0 or not any(any(r["advantages"]) for r in unit)):
+            if args.kl_coef == 0 and (args.policy_coef == 0 or not any(r.advantages.any() for r in unit)):
                 continue  # no RL term, or zero advantage on every token: its gradient is exactly zero
             log_probs = response_log_probs(model, unit, trees, args, pad_id)  # [B, T]
-            mask = pad([r["traj"].response_mask for r in unit], 0, torch.long).to(DEVICE)
-            advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32).to(DEVICE)
-            # with one optimizer step per batch pi_old is the current policy: its log-probs are these, detached
-            old_log_probs = (pad([r["old_log_probs"] for r in unit], 0.0, torch.float32).to(DEVICE)
-                             if args.num_minibatches > 1 else log_probs.detach())
-            loss, stats = policy_loss(log_probs, old_log_probs, advantages, mask, level=args.loss_level,
-                                      clip_low=args.clip_low, clip_high=args.clip_high)
+            mask = pad([r.traj.response_mask for r in unit], 0, torch.long).to(DEVICE)
+            # pi_old in the batch's first optimizer step is the current policy: these log-probs, detached (§3.6)
+            old_log_probs = log_probs.detach() if unit[0].old_log_probs is None else padded([r.old_log_probs for r in unit])
+            loss, stats = policy_loss(log_probs, old_log_probs, padded([r.advantages for r in unit]), mask,
+                                      level=args.loss_level, clip_low=args.clip_low, clip_high=args.clip_high)
             kl_to_start = torch.zeros(())
             if reference is not None:
                 with torch.no_grad():  # the policy RL started from, on the same tokens
                     ref_log_probs = response_log_probs(reference, unit, trees, args, pad_id)
                 kl_to_start = kl_penalty(log_probs, ref_log_probs, mask)
-            weight = stats["rows"] / max(live, 1)  # so the micro-batches add up to the minibatch's seq-mean
-            ((args.policy_coef * loss + args.kl_coef * kl_to_start) * weight).backward()
-            losses.append(loss.item() * weight)
-            kls_to_start.append(kl_to_start.item() * weight)
+            share = sum(r.has_model_tokens() for r in unit) / max(live, 1)  # the units add up to the minibatch's seq-mean
+            ((args.policy_coef * loss + args.kl_coef * kl_to_start) * share).backward()
+            losses.append(loss.item() * share)
+            kls_to_start.append(kl_to_start.item() * share)
             clip_fracs.append(stats["clip_frac"])
             kls.append(stats["approx_kl"])
-            sampler = pad([r["traj"].sampler_logprobs for r in unit], 0.0, torch.float32).to(DEVICE)
-            mismatch.append(((sampler - log_probs.detach()).abs() * mask).sum().item() / max(mask.sum().item(), 1))
-        if args.demo_coef > 0:  # the cross-entropy on gold transcripts (§5.3)
-            batch = [warm_start.demo_row(tokenizer, d) for d in warm_start.draw_demos(demo_pools, args.demo_batch, rng)]
-            tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
-            for start in range(0, len(batch), args.micro_batch):
-                nll = warm_start.demo_nll(model, batch[start : start + args.micro_batch], tokens, args, DEVICE, pad_id)
-                (args.demo_coef * nll).backward()
-                demo_nlls.append(nll.item())
-        for param in model.parameters():  # every unit skipped: AdamW steps on zeros, as if it had run them
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
+            gaps.append(sampler_gap(unit, log_probs, mask))
+        if args.demo_coef > 0:
+            demo_nlls += warm_start.transcripts_backward(model, tokenizer, demo_pools, rng, args, DEVICE, pad_id)
+        fill_missing_gradients(model)
         grad_norms.append(clip_and_step(model, optimizer, args.max_grad_norm))
     optimizer.zero_grad()  # the gradients' memory back before the next rollout
     return {
@@ -429,7 +415,7 @@ def update(model, reference, optimizer, rows: list[dict], trees: list[Tree], dem
         "losses/demo_nll": sum(demo_nlls) / args.num_minibatches,
         "losses/clip_frac": mean(clip_fracs),
         "losses/approx_kl": mean(kls),
-        "losses/vllm_logprob_abs_diff": mean(mismatch),
+        "losses/vllm_logprob_abs_diff": mean(gaps),
         "losses/grad_norm": mean(grad_norms),
         "losses/skipped_updates": sum(not math.isfinite(n) for n in grad_norms),
         "time/old_log_prob": t_old,

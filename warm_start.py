@@ -81,6 +81,20 @@ def demo_nll(model, rows: list[dict], tokens: int, args, device: torch.device, p
     return -log_probs.sum() / tokens
 
 
+def transcripts_backward(model, tokenizer, pools: list[list[dict]], rng: random.Random, args, device: torch.device,
+                         pad_id: int) -> list[float]:
+    """The transcripts' term in an update (§5.3): --demo-batch gold transcripts drawn from `pools`, demo_coef x their
+    cross-entropy backpropagated micro-batch by micro-batch. Returns each micro-batch's NLL."""
+    batch = [demo_row(tokenizer, d) for d in draw_demos(pools, args.demo_batch, rng)]
+    tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
+    nlls = []
+    for start in range(0, len(batch), args.micro_batch):
+        nll = demo_nll(model, batch[start : start + args.micro_batch], tokens, args, device, pad_id)
+        (args.demo_coef * nll).backward()
+        nlls.append(nll.item())
+    return nlls
+
+
 def supervised_steps(model, tokenizer, demos: list[dict], args, device: torch.device, pad_id: int) -> list[float]:
     """--sft-steps AdamW steps of --sft-batch transcripts (a --sft-two-hop-frac share of two- or three-hop ones);
     returns the losses."""

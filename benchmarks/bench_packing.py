@@ -32,7 +32,7 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
     import engine
     import train
     from atpo_loss import policy_loss
-    from learner import load_policy, pad, response_log_probs
+    from learner import load_policy, pad, padded, response_log_probs
 
     model = load_policy(model_path, torch.device("cpu")).train()
     args = train.Args(packing=method, dtype=engine.resolve_dtype("auto"), gradient_checkpointing="on")
@@ -43,8 +43,8 @@ def measure(method: str, trees: list, micro_batch_paths: int, model_path: str) -
     start = time.perf_counter()
     for unit in units:
         log_probs = response_log_probs(model, unit, trees, args, pad_id=2)
-        mask = pad([r["traj"].response_mask for r in unit], 0, torch.long)
-        advantages = pad([r["advantages"] for r in unit], 0.0, torch.float32)
+        mask = pad([r.traj.response_mask for r in unit], 0, torch.long)
+        advantages = padded([r.advantages for r in unit])
         loss, _ = policy_loss(log_probs, log_probs.detach(), advantages, mask)
         loss.backward()
     seconds = time.perf_counter() - start

@@ -176,7 +176,7 @@ def main() -> None:
     for _ in range(5):
         a @ a
     matmul_flops = 5 * 2 * 2048**3 / (time.perf_counter() - start)
-    answer_tokens = sum(sum(r["traj"].response_mask) for r in rows)
+    answer_tokens = sum(sum(r.traj.response_mask) for r in rows)
     update_flops = (6 * body * tokens + 6 * model.config.vocab_size * model.config.hidden_size * answer_tokens) / update_seconds
     print(f"update, forward+backward of {settings.micro_batch} packed trees ({tokens} tokens, {threads} threads, "
           f"{settings.dtype}, gradient checkpointing {'on: its second forward not counted' if checkpointing else 'off'}): "

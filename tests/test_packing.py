@@ -22,7 +22,7 @@ def loss_and_grads(model, tree_list, packing, gradient_checkpointing="off"):
     rows, _ = train.training_rows(tree_list, args)
     model.zero_grad()
     log_probs = learner.response_log_probs(model, rows, tree_list, args, pad_id=2)
-    mask = learner.pad([r["traj"].response_mask for r in rows], 0, torch.long)
+    mask = learner.pad([r.traj.response_mask for r in rows], 0, torch.long)
     advantages = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))  # any advantages will do
     old = log_probs.detach() + 0.01 * torch.randn(log_probs.shape, generator=torch.Generator().manual_seed(0))
     loss, _ = policy_loss(log_probs, old, advantages, mask, clip_low=0.2, clip_high=0.2)
@@ -188,17 +188,17 @@ def test_units_of_several_trees_in_any_order(model, tokenizer):
 
     trees = [make_tree(tokenizer, PROMPT, SHAPES["mixed"]), make_tree(tokenizer, PROMPT, SHAPES["siblings_differ_at_first_token"], seed=2)]
     rows, _ = train.training_rows(trees, train.Args(dtype="float32"))
-    unit = [r for r in rows if r["tree"] == 1] + [r for r in rows if r["tree"] == 0]  # second tree first
+    unit = [r for r in rows if r.tree == 1] + [r for r in rows if r.tree == 0]  # second tree first
     with torch.no_grad():
         by_tree = learner.response_log_probs(model, unit, trees, train.Args(packing="tree", dtype="float32"), 2)
         by_path = learner.response_log_probs(model, unit, trees, train.Args(packing="path", dtype="float32"), 2)
-    mask = learner.pad([r["traj"].response_mask for r in unit], 0, torch.long)
+    mask = learner.pad([r.traj.response_mask for r in unit], 0, torch.long)
     assert ((by_tree - by_path) * mask).abs().max().item() <= 1e-4
     part = unit[1:-1]  # a tree split along its paths: some of its leaves, still in leaf order
     with torch.no_grad():
         by_tree = learner.response_log_probs(model, part, trees, train.Args(packing="tree", dtype="float32"), 2)
         by_path = learner.response_log_probs(model, part, trees, train.Args(packing="path", dtype="float32"), 2)
-    mask = learner.pad([r["traj"].response_mask for r in part], 0, torch.long)
+    mask = learner.pad([r.traj.response_mask for r in part], 0, torch.long)
     assert ((by_tree - by_path) * mask).abs().max().item() <= 1e-4
     for bad in (unit[1:2] + unit[0:1], [unit[0], unit[-1], unit[1]]):  # out of leaf order; a tree's rows apart
         with pytest.raises(ValueError, match="each tree's rows together, in leaf order"):
@@ -235,7 +235,7 @@ def test_token_budget_micro_batches_take_the_same_gradient(model, tokenizer, pac
         args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, max_grad_norm=1e9, packing=packing,
                           log_kl_to_start="off", **flags)
         rows, _ = train.training_rows(trees, args)
-        groups = [[r for r in rows if r["tree"] == t] for t in range(len(trees))] if packing == "tree" else [[r] for r in rows]
+        groups = [[r for r in rows if r.tree == t] for t in range(len(trees))] if packing == "tree" else [[r] for r in rows]
         units = learner.micro_batches(groups, trees, args)
         optimizer = GradientRecorder(model)
         train.update(model, None, optimizer, rows, trees, [], tokenizer, 2, random.Random(0), args)
@@ -246,15 +246,15 @@ def test_token_budget_micro_batches_take_the_same_gradient(model, tokenizer, pac
     # the same sums in another order (a split tree's shared turns add up over two backward passes): float32 rounding,
     # measured at ~1e-6 of the gradient, bounded as the packed-vs-path comparison is
     assert ((by_count - by_budget).norm() / by_count.norm()).item() <= 1e-5
-    trees_in = [{r["tree"] for r in unit} for unit in units]
+    trees_in = [{r.tree for r in unit} for unit in units]
     if packing == "tree":
         assert any(sum(t in ts for ts in trees_in) > 1 for t in range(len(trees)))  # a tree was split along its paths
         for unit in units:
-            packed = pack_trees([trees[t] for t in dict.fromkeys(r["tree"] for r in unit)],
-                                [[r["traj"].leaf for r in unit if r["tree"] == t] for t in dict.fromkeys(r["tree"] for r in unit)])
+            packed = pack_trees([trees[t] for t in dict.fromkeys(r.tree for r in unit)],
+                                [[r.traj.leaf for r in unit if r.tree == t] for t in dict.fromkeys(r.tree for r in unit)])
             assert len(packed.input_ids) <= longest_path + 10
     else:
-        assert all(len(unit) * max(len(trees[r["tree"]].prompt_ids) + len(r["traj"].response_ids) for r in unit) <= longest_path + 10
+        assert all(len(unit) * max(len(trees[r.tree].prompt_ids) + len(r.traj.response_ids) for r in unit) <= longest_path + 10
                    for unit in units)
-    assert sorted((r["tree"], r["traj"].leaf) for unit in units for r in unit) == sorted(
+    assert sorted((r.tree, r.traj.leaf) for unit in units for r in unit) == sorted(
         (t, leaf) for t, tree in enumerate(trees) for leaf in tree.leaves())  # every row once

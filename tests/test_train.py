@@ -76,7 +76,7 @@ def test_policy_coef_zero_trains_the_transcripts_term_alone(model, tokenizer):
         args = train.Args(dtype="float32", gradient_checkpointing="off", policy_coef=policy_coef, demo_coef=1.0,
                           demo_batch=2, max_grad_norm=1e9)
         rows, _ = train.training_rows([tree], args)
-        assert any(any(r["advantages"]) for r in rows)  # the tree has something for the ATPO loss to push
+        assert any(r.advantages.any() for r in rows)  # the tree has something for the ATPO loss to push
         optimizer = GradientRecorder(model)
         train.update(model, model, optimizer, rows, [tree], [[DEMOS[0]], [DEMOS[1]]], tokenizer, 2, random.Random(0), args)
         return optimizer.grads
@@ -116,6 +116,39 @@ def test_without_the_start_policy_the_update_is_the_same_and_logs_no_kl(model, t
     assert torch.equal(grads_with, grads_without)
     assert {k: v for k, v in with_start.items() if k not in ("losses/kl_to_start", "time/old_log_prob")} == {
         k: v for k, v in without.items() if k != "time/old_log_prob"}
+
+
+def test_pi_old_is_kept_for_the_later_optimizer_steps_alone_and_the_clip_acts_there(model, tokenizer):
+    """--num-minibatches 2: the first optimizer step takes pi_old as the current policy (ratio exactly 1: with one
+    minibatch the clip fraction is 0); the second minibatch's pi_old is its log-probs under the weights before the
+    first step (worked out here on a copy), and after a large first step its clip acts."""
+    import copy
+
+    import train
+    from learner import response_log_probs
+
+    trees = [make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=seed) for seed in (3, 4)]
+    before = copy.deepcopy(model).eval()
+
+    def update(num_minibatches: int):
+        policy = copy.deepcopy(model)
+        args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, kl_coef=0.0, log_kl_to_start="off",
+                          num_minibatches=num_minibatches, max_grad_norm=1e9)
+        rows, _ = train.training_rows(trees, args)
+        losses = train.update(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-3), rows, trees, [], tokenizer, 2,
+                              random.Random(0), args)
+        return rows, losses, args
+
+    rows, losses, _ = update(1)
+    assert all(r.old_log_probs is None for r in rows) and losses["losses/clip_frac"] == 0.0
+    rows, losses, args = update(2)
+    kept = [r for r in rows if r.old_log_probs is not None]
+    assert len({r.tree for r in kept}) == 1 and len({r.tree for r in rows if r.old_log_probs is None}) == 1
+    with torch.no_grad():
+        expected = response_log_probs(before, kept, trees, args, 2)
+    for row, old in zip(kept, expected):
+        torch.testing.assert_close(row.old_log_probs, old[: len(row.traj.response_ids)], atol=1e-5, rtol=0)
+    assert losses["losses/clip_frac"] > 0  # the second step's ratios left [1 - clip_low, 1 + clip_high]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -54,8 +54,8 @@ def test_its_log_probs_are_the_trainers_and_its_turns_stop_where_vllms_would(mod
     with torch.no_grad():
         trainer = response_log_probs(model, rows, trees, args, tokenizer.eos_token_id)  # [B, T]
     for row, trained in zip(rows, trainer):
-        mask = torch.tensor(row["traj"].response_mask, dtype=torch.bool)
-        sampled = torch.tensor(row["traj"].sampler_logprobs)
+        mask = torch.tensor(row.traj.response_mask, dtype=torch.bool)
+        sampled = torch.tensor(row.traj.sampler_logprobs)
         assert (sampled[mask] - trained[: len(mask)][mask]).abs().max().item() <= 1e-4
     for tree in trees:
         for node in tree.nodes[1:]:

@@ -32,6 +32,14 @@ from transformers_engine import TransformersEngine
 class ATPOTrainer(GRPOTrainer):
     """GRPOTrainer with the ATPO turn-level loss (§3) and, for tree rollouts, per-token turn advantages (§2.4)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        ignored = {"beta (a KL term)": self.beta != 0.0, "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+                   "an entropy bonus": self._entropy_bonus_enabled, "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+                   "vllm_importance_sampling_correction": self.use_vllm and self.vllm_importance_sampling_correction}
+        if any(ignored.values()):  # the ATPO loss has none of these: refused, not silently left out
+            raise ValueError(f"ATPOTrainer's loss has no {', '.join(k for k, v in ignored.items() if v)}: turn it off in GRPOConfig")
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         if "atpo_advantages" in inputs[0]:  # TRL copied the rollout's fields into `inputs`: the trees' turn credit

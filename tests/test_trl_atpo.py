@@ -30,7 +30,8 @@ def tiny_model(seed: int = 0):
 
 
 def trainer_of(cls, model, tokenizer, tmp_path, **config):
-    args = GRPOConfig(output_dir=str(tmp_path / cls.__name__), use_cpu=True, report_to="none", beta=0.0, loss_type="grpo",
+    config = {"beta": 0.0, **config}
+    args = GRPOConfig(output_dir=str(tmp_path / cls.__name__), use_cpu=True, report_to="none", loss_type="grpo",
                       epsilon=EPS_LOW, epsilon_high=EPS_HIGH, num_generations=2, per_device_train_batch_size=2, **config)
     trainer = cls(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
                   processing_class=tokenizer, train_dataset=Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}]))
@@ -115,6 +116,14 @@ def test_several_turns_give_the_atpo_loss(tokenizer, tmp_path):
     sequence, _ = policy_loss(log_probs.detach(), inputs["old_per_token_logps"], advantages, mask, level="sequence",
                               clip_low=EPS_LOW, clip_high=EPS_HIGH)
     assert abs(sequence.item() - loss.item()) > 1e-4  # the turns matter: it is not the sequence-level loss
+
+
+def test_settings_the_atpo_loss_does_not_have_are_refused(tokenizer, tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "tiny")  # where TRL loads its reference model from when beta > 0
+    model.config._name_or_path = str(tmp_path / "tiny")
+    with pytest.raises(ValueError, match=r"no beta \(a KL term\), top_entropy_quantile: turn it off"):
+        trainer_of(ATPOTrainer, model, tokenizer, tmp_path, beta=0.1, top_entropy_quantile=0.5)
 
 
 def test_two_training_steps_on_the_default_model_and_task_with_tree_rollouts(tokenizer, default_retriever, tmp_path):

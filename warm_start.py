@@ -81,18 +81,24 @@ def demo_nll(model, rows: list[dict], tokens: int, args, device: torch.device, p
     return -log_probs.sum() / tokens
 
 
+def demo_backward(model, rows: list[dict], scale: float, args, device: torch.device, pad_id: int) -> list[float]:
+    """scale x the cross-entropy of these transcripts (demo_row) over all their model tokens, backpropagated
+    --micro-batch rows at a time. Returns each micro-batch's share of the NLL."""
+    tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
+    nlls = []
+    for start in range(0, len(rows), args.micro_batch):
+        nll = demo_nll(model, rows[start : start + args.micro_batch], tokens, args, device, pad_id)
+        (scale * nll).backward()
+        nlls.append(nll.item())
+    return nlls
+
+
 def transcripts_backward(model, tokenizer, pools: list[list[dict]], rng: random.Random, args, device: torch.device,
                          pad_id: int) -> list[float]:
     """The transcripts' term in an update (§5.3): --demo-batch gold transcripts drawn from `pools`, demo_coef x their
-    cross-entropy backpropagated micro-batch by micro-batch. Returns each micro-batch's NLL."""
+    cross-entropy backpropagated. Returns each micro-batch's NLL."""
     batch = [demo_row(tokenizer, d) for d in draw_demos(pools, args.demo_batch, rng)]
-    tokens = sum(sum(r["loss_mask"][1:]) for r in batch)
-    nlls = []
-    for start in range(0, len(batch), args.micro_batch):
-        nll = demo_nll(model, batch[start : start + args.micro_batch], tokens, args, device, pad_id)
-        (args.demo_coef * nll).backward()
-        nlls.append(nll.item())
-    return nlls
+    return demo_backward(model, batch, args.demo_coef, args, device, pad_id)
 
 
 def supervised_steps(model, tokenizer, demos: list[dict], args, device: torch.device, pad_id: int) -> list[float]:
@@ -107,14 +113,8 @@ def supervised_steps(model, tokenizer, demos: list[dict], args, device: torch.de
     bar = progress_bar(iterable=range(args.sft_steps), desc="warm start", unit="step")
     for _ in bar:
         batch = [rng.choice(multi_hop if multi_hop and rng.random() < args.sft_two_hop_frac else one_hop) for _ in range(args.sft_batch)]
-        rows = [demo_row(tokenizer, d) for d in batch]
-        tokens = sum(sum(r["loss_mask"][1:]) for r in rows)
         optimizer.zero_grad()
-        total = 0.0
-        for start in range(0, len(rows), args.micro_batch):
-            loss = demo_nll(model, rows[start : start + args.micro_batch], tokens, args, device, pad_id)
-            loss.backward()
-            total += loss.item()
+        total = sum(demo_backward(model, [demo_row(tokenizer, d) for d in batch], 1.0, args, device, pad_id))
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         losses.append(total)

@@ -71,9 +71,10 @@ def test_weight_sync_makes_vllm_match_the_trainer():
 
     eager = runs_eager(Args())  # without a C++ compiler vLLM runs eager on a CPU: then that is what is checked
     result = json.loads(run_child(f"from tests.test_engine import sync_check; sync_check({eager})").strip().splitlines()[-1])
-    assert result["start"] < 1e-3  # same float32 weights: the same log-probs
-    assert result["stale"] > 0.05  # the trainer moved, the engine did not
-    assert result["synced"] < 1e-3  # after the sync they agree again
+    # same float32 weights: the same log-probs up to kernel rounding (3e-5 on an AMX CPU, 2e-3 on a CI machine)
+    assert result["start"] < 1e-2
+    assert result["stale"] > 0.5  # the trainer moved, the engine did not (4.2 measured)
+    assert result["synced"] < 1e-2  # after the sync they agree again
 
 
 def test_the_engine_runs_eager_on_request_or_without_a_cpu_compiler(monkeypatch, capsys):

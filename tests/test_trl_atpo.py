@@ -135,7 +135,8 @@ def test_two_training_steps_on_the_default_model_and_task_with_tree_rollouts(tok
     from envs import DEFAULT_TASK_DIR, SearchEnv, load_tasks
 
     model = AutoModelForCausalLM.from_pretrained(default_model_path())
-    sft = train.Args(dtype="float32", sft_steps=6, gradient_checkpointing="off")  # a few steps: the tool format, some rewards
+    # 6 small steps at a high rate: the tool format and some right answers, so that rewards differ within a tree
+    sft = train.Args(dtype="float32", sft_steps=6, sft_batch=2, sft_lr=1e-4, gradient_checkpointing="off")
     warm_start.supervised_steps(model, tokenizer, warm_start.load_demos(sft.sft_demos), sft, torch.device("cpu"), tokenizer.pad_token_id)
     tasks = random.Random(0).sample(load_tasks(DEFAULT_TASK_DIR / "train.jsonl"), 4)
     env = SearchEnv(tokenizer, default_retriever, max_turns=3, max_length=1024, format_penalty=1.0)

@@ -170,7 +170,7 @@ class Args:
     """AdamW with float32 moments (8 bytes a parameter) or bitsandbytes' 8-bit AdamW (2); auto: adamw8bit on a GPU"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    num_minibatches: int = 2
+    num_minibatches: int = 1
     """optimizer steps per rollout batch; from the second on, the turn ratio and clip act (§3.6)"""
     packing: Literal["tree", "path"] = "tree"
     """tree: each tree's unique tokens in one forward with a tree attention mask; path: one padded row per trajectory"""
@@ -366,15 +366,16 @@ def training_rows(trees: list[Tree], args: Args) -> tuple[list[TrainingRow], lis
 
 def update(model, reference, optimizer, rows: list[TrainingRow], trees: list[Tree], demo_pools: list[list[dict]], tokenizer,
            pad_id: int, rng: random.Random, args: Args) -> dict[str, float]:
-    """One step's update: `num_minibatches` optimizer steps, each accumulated over micro-batches (`micro_batch`
-    trajectories by path, or whole trees packed into one row) of
+    """One step's update: `num_minibatches` optimizer steps (fewer with fewer groups), each accumulated over
+    micro-batches (`micro_batch` trajectories by path, or whole trees packed into one row) of
         policy_coef * ATPO loss (§3) + kl_coef * KL(pi || start policy) + demo_coef * NLL(gold transcripts) (§5.3).
     Returns the losses/ metrics and time/old_log_prob."""
     model.train()
     # a group stays together in a micro-batch: a whole tree (tree packing) or one trajectory (path)
     groups = [[r for r in rows if r.tree == t] for t in range(len(trees))] if args.packing == "tree" else [[r] for r in rows]
     order = rng.sample(range(len(groups)), len(groups))
-    minibatches = [[groups[i] for i in order[mb :: args.num_minibatches]] for mb in range(args.num_minibatches)] if trees else []
+    split = [[groups[i] for i in order[mb :: args.num_minibatches]] for mb in range(args.num_minibatches)]
+    minibatches = [mb for mb in split if mb]  # fewer kept trees than --num-minibatches: one optimizer step each
     t0 = time.time()
     for later in minibatches[1:]:  # their pi_old, before the first optimizer step changes the weights
         keep_old_log_probs(model, later, trees, args, pad_id)
@@ -410,9 +411,9 @@ def update(model, reference, optimizer, rows: list[TrainingRow], trees: list[Tre
         grad_norms.append(clip_and_step(model, optimizer, args.max_grad_norm))
     optimizer.zero_grad()  # the gradients' memory back before the next rollout
     return {
-        "losses/policy": sum(losses) / args.num_minibatches,
-        **({"losses/kl_to_start": sum(kls_to_start) / args.num_minibatches} if reference is not None else {}),
-        "losses/demo_nll": sum(demo_nlls) / args.num_minibatches,
+        "losses/policy": sum(losses) / max(len(minibatches), 1),
+        **({"losses/kl_to_start": sum(kls_to_start) / max(len(minibatches), 1)} if reference is not None else {}),
+        "losses/demo_nll": sum(demo_nlls) / max(len(minibatches), 1),
         "losses/clip_frac": mean(clip_fracs),
         "losses/approx_kl": mean(kls),
         "losses/vllm_logprob_abs_diff": mean(gaps),

@@ -130,18 +130,22 @@ def test_pi_old_is_kept_for_the_later_optimizer_steps_alone_and_the_clip_acts_th
     trees = [make_tree(tokenizer, PROMPT, SHAPES["mixed"], seed=seed) for seed in (3, 4)]
     before = copy.deepcopy(model).eval()
 
-    def update(num_minibatches: int):
+    def update(num_minibatches: int, trees=trees):
         policy = copy.deepcopy(model)
-        args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, kl_coef=0.0, log_kl_to_start="off",
+        args = train.Args(dtype="float32", gradient_checkpointing="off", demo_coef=0.0, kl_coef=0.0, log_kl_to_start="on",
                           num_minibatches=num_minibatches, max_grad_norm=1e9)
         rows, _ = train.training_rows(trees, args)
-        losses = train.update(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-3), rows, trees, [], tokenizer, 2,
+        losses = train.update(policy, before, torch.optim.AdamW(policy.parameters(), lr=1e-3), rows, trees, [], tokenizer, 2,
                               random.Random(0), args)
         return rows, losses, args
 
     rows, losses, _ = update(1)
     assert all(r.old_log_probs is None for r in rows) and losses["losses/clip_frac"] == 0.0
+    assert losses["losses/kl_to_start"] == 0.0  # one optimizer step: the policy is still the start policy throughout
+    # one tree and 2 minibatches: one optimizer step, the same as with 1 (no empty second step)
+    assert update(2, trees[:1])[1] == {**update(1, trees[:1])[1], "time/old_log_prob": pytest.approx(0.0, abs=1e-3)}
     rows, losses, args = update(2)
+    assert losses["losses/kl_to_start"] > 0  # the second step's policy has moved from the start
     kept = [r for r in rows if r.old_log_probs is not None]
     assert len({r.tree for r in kept}) == 1 and len({r.tree for r in rows if r.old_log_probs is None}) == 1
     with torch.no_grad():

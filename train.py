@@ -410,10 +410,11 @@ def update(model, reference, optimizer, rows: list[TrainingRow], trees: list[Tre
         fill_missing_gradients(model)
         grad_norms.append(clip_and_step(model, optimizer, args.max_grad_norm))
     optimizer.zero_grad()  # the gradients' memory back before the next rollout
+    taken = max(len(minibatches), 1)  # the optimizer steps taken
     return {
-        "losses/policy": sum(losses) / max(len(minibatches), 1),
-        **({"losses/kl_to_start": sum(kls_to_start) / max(len(minibatches), 1)} if reference is not None else {}),
-        "losses/demo_nll": sum(demo_nlls) / max(len(minibatches), 1),
+        "losses/policy": sum(losses) / taken,
+        **({"losses/kl_to_start": sum(kls_to_start) / taken} if reference is not None else {}),
+        "losses/demo_nll": sum(demo_nlls) / taken,
         "losses/clip_frac": mean(clip_fracs),
         "losses/approx_kl": mean(kls),
         "losses/vllm_logprob_abs_diff": mean(gaps),

@@ -170,7 +170,7 @@ class Args:
     """AdamW with float32 moments (8 bytes a parameter) or bitsandbytes' 8-bit AdamW (2); auto: adamw8bit on a GPU"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    num_minibatches: int = 1
+    num_minibatches: int = 2
     """optimizer steps per rollout batch; from the second on, the turn ratio and clip act (§3.6)"""
     packing: Literal["tree", "path"] = "tree"
     """tree: each tree's unique tokens in one forward with a tree attention mask; path: one padded row per trajectory"""

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # gold transcripts' cross-entropy (--demo-coef 0: the default recipe's one term outside the paper's method),
 # "control" the AT²PO run against the same updates without the RL gradient (--policy-coef 0: what the transcripts'
 # term learns alone), "loss" the loss level. The loss levels differ only where the ratio leaves 1, i.e. off-policy:
-# with one optimizer step per batch (train.py's default) all three give the same gradient, so the loss runs take two
-# (--num-minibatches 2).
+# with one optimizer step per batch all three would give the same gradient; train.py's default takes two, and the
+# loss runs say so.
 SETTINGS = {
     "entropy": ("AT²PO: entropy-guided tree, turn loss", ["--expansion", "entropy"]),
     "random": ("Tree-GRPO-style: random tree, turn loss", ["--expansion", "random"]),

@@ -198,7 +198,8 @@ def uninterrupted(tmp_path_factory) -> dict:
     proc = tiny_run(out, *THREE_STEPS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "warm_start_dir": warm_start_dir,
-            "built_at": built_at, "values": run_values(out), "weights": load_file(out / "checkpoint" / "model.safetensors")}
+            "built_at": built_at, "values": run_values(out), "weights": load_file(out / "checkpoint" / "model.safetensors"),
+            "old_log_prob_seconds": [json.loads(line).get("time/old_log_prob") for line in (out / "metrics.jsonl").open()]}
 
 
 def test_a_tiny_run_end_to_end(uninterrupted, tmp_path):
@@ -224,8 +225,11 @@ def test_a_tiny_run_end_to_end(uninterrupted, tmp_path):
     trees = json.loads((out / "trees" / "step_000002.json").read_text())  # the trees trained on
     assert len(trees) == steps[1]["charts/trees_trained"] <= steps[1]["charts/trees_drawn"]
     assert all(sum(n["end"] is not None for n in t["nodes"]) == 4 for t in trees)
-    # step 1 trains the start policy itself: KL 0 exactly; the next step that trains a tree has moved away from it
-    assert steps[0]["losses/kl_to_start"] == 0.0
+    # step 1's first optimizer step trains the start policy itself (KL 0 exactly), its second (a second tree kept) has
+    # moved away from it and needed pi_old, computed before the first (§3.6); so has every later step that trains
+    assert (steps[0]["losses/kl_to_start"] == 0.0) == (steps[0]["charts/trees_trained"] <= 1)
+    seconds = [s for s in uninterrupted["old_log_prob_seconds"] if s is not None]  # the update rows' π_old forward
+    assert [s > 1e-3 for s in seconds] == [r["charts/trees_trained"] > 1 for r in steps]
     later = [r for r in steps[1:] if r["charts/trees_trained"] > 0]
     assert steps[0]["charts/trees_trained"] == 0 or not later or later[0]["losses/kl_to_start"] > 0
     # --demo-coef: every update also trained on gold transcripts (a step without a kept tree takes no update)
@@ -306,7 +310,13 @@ def test_sigkill_at_any_moment_then_resume_ends_with_the_uninterrupted_metrics(u
 
 def start_tiny_run(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "train.py", *TINY, *THREE_STEPS, "--output-dir", str(out), *extra], cwd=ROOT,
-                            env=TINY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=TINY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
+
+
+def as_from_a_terminal():
+    """Ctrl-C's default action, as a terminal gives it: a shell starts a background job (a suite run with `&`) with
+    SIGINT ignored, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_a_run_holds_its_folder_and_a_start_over_that_cannot_start_deletes_nothing(uninterrupted, tmp_path, unloadable_model):

@@ -159,7 +159,7 @@ class Args:
     demo_source: str = ""
     """data source of the gold transcripts of --demo-coef ('': every source, in equal numbers)"""
     demo_batch: int = 2
-    """gold transcripts per update with --demo-coef"""
+    """gold transcripts per optimizer step with --demo-coef"""
 
     # optimisation
     total_steps: int = 20

@@ -162,7 +162,8 @@ def test_pi_old_is_kept_for_the_later_optimizer_steps_alone_and_the_clip_acts_th
 TINY = ["--prompts-per-step", "2", "--m", "2", "--l", "1", "--k", "2", "--max-turns", "3", "--max-turn-tokens", "48",
         "--sft-steps", "4", "--sft-eval-questions", "2", "--eval-questions", "2", "--save-every", "1",
         "--save-trees-every", "1", "--lr", "3e-5", "--format-penalty", "1.0", "--max-draws", "2", "--kl-coef", "0.1",
-        "--demo-coef", "0.1", "--seed", "3", "--enforce-eager"]  # each restart would compile the engine again
+        "--demo-coef", "0.1", "--seed", "3", "--enforce-eager",  # each restart would compile the engine again
+        "--num-minibatches", "1"]  # one optimizer step a batch, for CI's time; test_transformers_engine's run takes 2
 
 TINY_ENV = {**CHILD_ENV, "ATPO_CACHE": os.environ.get("ATPO_CACHE", str(Path.home() / ".cache" / "atpo"))}
 
@@ -198,8 +199,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     proc = tiny_run(out, *THREE_STEPS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "warm_start_dir": warm_start_dir,
-            "built_at": built_at, "values": run_values(out), "weights": load_file(out / "checkpoint" / "model.safetensors"),
-            "old_log_prob_seconds": [json.loads(line).get("time/old_log_prob") for line in (out / "metrics.jsonl").open()]}
+            "built_at": built_at, "values": run_values(out), "weights": load_file(out / "checkpoint" / "model.safetensors")}
 
 
 def test_a_tiny_run_end_to_end(uninterrupted, tmp_path):
@@ -225,11 +225,8 @@ def test_a_tiny_run_end_to_end(uninterrupted, tmp_path):
     trees = json.loads((out / "trees" / "step_000002.json").read_text())  # the trees trained on
     assert len(trees) == steps[1]["charts/trees_trained"] <= steps[1]["charts/trees_drawn"]
     assert all(sum(n["end"] is not None for n in t["nodes"]) == 4 for t in trees)
-    # step 1's first optimizer step trains the start policy itself (KL 0 exactly), its second (a second tree kept) has
-    # moved away from it and needed pi_old, computed before the first (§3.6); so has every later step that trains
-    assert (steps[0]["losses/kl_to_start"] == 0.0) == (steps[0]["charts/trees_trained"] <= 1)
-    seconds = [s for s in uninterrupted["old_log_prob_seconds"] if s is not None]  # the update rows' π_old forward
-    assert [s > 1e-3 for s in seconds] == [r["charts/trees_trained"] > 1 for r in steps]
+    # step 1 trains the start policy itself: KL 0 exactly; the next step that trains a tree has moved away from it
+    assert steps[0]["losses/kl_to_start"] == 0.0
     later = [r for r in steps[1:] if r["charts/trees_trained"] > 0]
     assert steps[0]["charts/trees_trained"] == 0 or not later or later[0]["losses/kl_to_start"] > 0
     # --demo-coef: every update also trained on gold transcripts (a step without a kept tree takes no update)
@@ -351,7 +348,7 @@ def test_ctrl_c_or_sigterm_stops_in_one_line_with_a_whole_checkpoint_kept(uninte
 
     out = tmp_path / "run"
     for sig, moment in [(signal.SIGINT, writing_a_checkpoint), (signal.SIGTERM, loading_the_model)]:
-        proc = start_tiny_run(out, *(["--resume"] if last_checkpoint(out) else []))
+        proc = start_tiny_run(out, "--total-steps", "2", *(["--resume"] if last_checkpoint(out) else []))
         while proc.poll() is None and not moment(proc):
             time.sleep(0.005)
         proc.send_signal(sig)
@@ -361,9 +358,9 @@ def test_ctrl_c_or_sigterm_stops_in_one_line_with_a_whole_checkpoint_kept(uninte
         assert last.startswith("stopped (Ctrl-C or SIGTERM); the last checkpoint is ") and last.endswith(" --resume"), last
         assert not (out / "checkpoint.tmp").exists()
         assert torch.load(last_checkpoint(out) / "state.pt", weights_only=False)["step"] >= 1
-    proc = start_tiny_run(out, "--resume")
+    proc = start_tiny_run(out, "--total-steps", "2", "--resume")
     stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0 and "summary: 3 RL steps logged" in stdout, stderr[-3000:]
+    assert proc.returncode == 0 and "summary: 2 RL steps logged" in stdout, stderr[-3000:]
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_leaves_no_partial_files(uninterrupted, tmp_path):

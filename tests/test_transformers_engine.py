@@ -88,12 +88,13 @@ def test_the_same_seed_grows_the_same_trees(model, tokenizer, env):
 
 
 def test_train_py_runs_and_resumes_where_vllm_cannot_be_imported(tmp_path):
-    """--engine auto with vLLM hidden: the transformers engine; 1 step, then --resume to 2; metrics, checkpoint, trees."""
+    """--engine auto with vLLM hidden: the transformers engine; 1 step, then --resume to 2, with the default's two
+    optimizer steps a batch; metrics, checkpoint, trees."""
     out = tmp_path / "run"
     env = env_without_vllm(tmp_path, TINY_ENV)
 
     def run(*extra):
-        proc = subprocess.run([sys.executable, "train.py", *TINY, "--output-dir", str(out), *extra], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "train.py", *TINY, "--num-minibatches", "2", "--output-dir", str(out), *extra], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc.stdout
@@ -105,6 +106,10 @@ def test_train_py_runs_and_resumes_where_vllm_cannot_be_imported(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["losses/skipped_updates"] == 0 for r in rows)
     assert rows[0]["charts/generated_tokens"] > 0 and rows[1]["charts/generated_tokens"] > 0
+    # the default's two optimizer steps a batch: step 1's first trains the start policy itself (KL 0 exactly), the
+    # second (a second tree kept) has moved from it and needed pi_old, computed before the first (§3.6)
+    assert (rows[0]["losses/kl_to_start"] == 0.0) == (rows[0]["charts/trees_trained"] <= 1)
+    assert all((r["time/old_log_prob"] > 1e-3) == (r["charts/trees_trained"] > 1) for r in rows)
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     trees = json.loads((out / "trees" / "step_000002.json").read_text())
     assert all(sum(n["end"] is not None for n in t["nodes"]) == 4 for t in trees)  # M + L*K leaves

@@ -94,8 +94,8 @@ def test_train_py_runs_and_resumes_where_vllm_cannot_be_imported(tmp_path):
     env = env_without_vllm(tmp_path, TINY_ENV)
 
     def run(*extra):
-        proc = subprocess.run([sys.executable, "train.py", *TINY, "--num-minibatches", "2", "--output-dir", str(out), *extra], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run([sys.executable, "train.py", *TINY, "--num-minibatches", "2", "--output-dir", str(out), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc.stdout
 

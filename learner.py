@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from atpo_credit import backup, token_advantages
 from atpo_packing import PackedTrees, pack_trees, tree_attention
-from atpo_tree import Trajectory
+from atpo_tree import Trajectory, Tree
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # of the trainer (vLLM picks its own)
 TREE_ATTENTION = "atpo_tree"
@@ -32,6 +33,15 @@ class TrainingRow:
 
     def has_model_tokens(self) -> bool:
         return any(self.traj.response_mask)
+
+
+def tree_credit(tree: Tree, value_mode: str, adv_mode: str) -> tuple[torch.Tensor, torch.Tensor, list[tuple[Trajectory, torch.Tensor]]]:
+    """Credit (§2) for one tree from its leaves' rewards: node values, node advantages, and each trajectory with its
+    tokens' advantages [T] (§2.4). What train.training_rows and trl_atpo.TreeRollouts train on."""
+    rewards = {leaf: tree.nodes[leaf].reward for leaf in tree.leaves()}
+    values, node_adv = backup(tree.parents, tree.entropies, rewards, value_mode=value_mode, adv_mode=adv_mode)
+    return values, node_adv, [(traj, token_advantages(node_adv.float(), torch.tensor(traj.token_nodes), torch.tensor(traj.response_mask)))
+                              for traj in tree.trajectories()]
 
 
 def pad(rows: list[list], value, dtype: torch.dtype) -> torch.Tensor:

@@ -28,7 +28,6 @@ import torch
 import tyro
 
 import warm_start
-from atpo_credit import backup, token_advantages
 from atpo_loss import kl_penalty, policy_loss
 from atpo_tree import Tree, TreeGrower
 from batches import draw_trees, question_pools, step_queues
@@ -41,7 +40,7 @@ from default_model import default_model_path
 from envs import DEFAULT_TASK_DIR, BM25Retriever, HttpRetriever, RetrievalError, SearchEnv, build_prompt
 from evaluation import evaluate, held_out, mean, rollout_stats
 from learner import (DEVICE, TrainingRow, adamw, clip_and_step, fill_missing_gradients, keep_old_log_probs, load_policy,
-                     micro_batches, pad, padded, response_log_probs, sampler_gap)
+                     micro_batches, pad, padded, response_log_probs, sampler_gap, tree_credit)
 from memory import release_freed_memory, resident_gib
 
 MAX_NONFINITE_IN_A_ROW = 3  # steps whose update had a non-finite loss or gradient, in a row, before the run stops
@@ -355,12 +354,9 @@ def training_rows(trees: list[Tree], args: Args) -> tuple[list[TrainingRow], lis
     Returns the rows and each tree's (node values, node advantages)."""
     rows, credit = [], []
     for t, tree in enumerate(trees):
-        rewards = {leaf: tree.nodes[leaf].reward for leaf in tree.leaves()}
-        values, node_adv = backup(tree.parents, tree.entropies, rewards, value_mode=args.value_mode, adv_mode=args.adv_mode)
+        values, node_adv, leaves = tree_credit(tree, args.value_mode, args.adv_mode)
         credit.append((values, node_adv))
-        for traj in tree.trajectories():
-            advantages = token_advantages(node_adv.float(), torch.tensor(traj.token_nodes), torch.tensor(traj.response_mask))
-            rows.append(TrainingRow(t, traj, advantages))
+        rows += [TrainingRow(t, traj, advantages) for traj, advantages in leaves]
     return rows, credit
 
 

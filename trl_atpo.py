@@ -22,10 +22,10 @@ from types import SimpleNamespace
 import torch
 from trl import GRPOTrainer
 
-from atpo_credit import backup, token_advantages
 from atpo_loss import policy_loss
 from atpo_tree import TreeGrower
 from envs import SearchEnv, Task, build_prompt
+from learner import tree_credit
 from transformers_engine import TransformersEngine
 
 
@@ -106,11 +106,8 @@ class TreeRollouts:
         self.last_trees = list(trees.values())
         leaves_of = {}  # question -> an iterator over its tree's leaves: (prompt ids, trajectory, token advantages)
         for question, tree in trees.items():
-            rewards = {leaf: tree.nodes[leaf].reward for leaf in tree.leaves()}
-            _, node_adv = backup(tree.parents, tree.entropies, rewards, value_mode=self.value_mode, adv_mode=self.adv_mode)
-            leaves_of[question] = iter([(tree.prompt_ids, traj, token_advantages(
-                node_adv.float(), torch.tensor(traj.token_nodes), torch.tensor(traj.response_mask)).tolist())
-                for traj in tree.trajectories()])
+            _, _, leaves = tree_credit(tree, self.value_mode, self.adv_mode)
+            leaves_of[question] = iter([(tree.prompt_ids, traj, advantages.tolist()) for traj, advantages in leaves])
         picked = [next(leaves_of[q]) for q in prompts]  # each occurrence of a prompt takes its tree's next leaf
         return {"prompt_ids": [p for p, _, _ in picked], "completion_ids": [t.response_ids for _, t, _ in picked],
                 "logprobs": [t.sampler_logprobs for _, t, _ in picked], "env_mask": [t.response_mask for _, t, _ in picked],

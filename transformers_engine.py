@@ -3,7 +3,8 @@
 `TransformersEngine` has the interface of engine.VllmEngine (`sampler`, `sleep`, `push_weights`), so train.py and
 evaluation.py run the same loop on either (`--engine transformers`, or `auto` where vLLM is not installed). There is
 nothing to sync: the trainer's model samples, under the trainer's autocast (its linear layers' bfloat16 weights, which
-autocast would cast at every forward, cast once a sampler and dropped with it).
+autocast would cast at every forward, cast once a sampler and dropped with it; on a CPU also laid out once in oneDNN's
+blocked format, which torch's bfloat16 product would redo at every call).
 
 Like vLLM, a sampler keeps one running batch: a turn submitted joins it at the next step (its context prefilled in a
 forward of its own, then written in below the running rows), every live row gets one token a forward, and a row leaves
@@ -17,7 +18,9 @@ means the same thing on both engines.
 
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -91,9 +94,7 @@ class TransformersSampler:
         self.budget = int(self.args.kv_cache_gb * 2**30)
         self.bytes_per_token = kv_bytes_per_token(self.model.config, self.args.dtype)
         self.kept = KeptPrefixes(self.budget)  # of this sampler's turns: one policy's KV
-        # the bfloat16 weights autocast would cast at every wait, cast once for this sampler's turns
-        self.weights = {f"{name}.weight": module.weight.detach().to(torch.bfloat16) for name, module in self.model.named_modules()
-                        if isinstance(module, torch.nn.Linear)} if self.args.dtype == "bfloat16" else {}
+        self.linears = bfloat16_linears(self.model, self.device) if self.args.dtype == "bfloat16" else {}  # their forwards in a wait
         self.queued: list[Row] = []
         self.rows: list[Row] = []  # the running batch, in batch order
         self.cache = self.mask = self.position = self.picked = None  # its KV cache, [B, cache length], [B], [B]
@@ -110,6 +111,8 @@ class TransformersSampler:
         """Forwards until one or more turns end: (key, token ids, log-probs) each."""
         was_training = self.model.training
         self.model.eval()  # no dropout; and transformers drops the KV cache of a model training with gradient checkpointing
+        for module, forward in self.linears.items():
+            module.forward = forward  # over the class's forward, until this wait returns
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.dtype == "bfloat16"):
                 while self.rows or self.queued:
@@ -119,6 +122,8 @@ class TransformersSampler:
                         return [(row.key, row.tokens, row.logprobs) for row in ended]
                 return []
         finally:
+            for module in self.linears:
+                del module.forward
             self.model.train(was_training)
 
     def forward(self) -> torch.Tensor:
@@ -128,13 +133,14 @@ class TransformersSampler:
         if self.rows:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             self.position = self.position + 1
-            logits.append(self.run(input_ids=self.picked[:, None], attention_mask=self.mask, position_ids=self.position[:, None],
+            mask = additive(self.mask, torch.bfloat16 if self.args.dtype == "bfloat16" else self.model.dtype)  # [B, 1, 1, L]
+            logits.append(self.model(input_ids=self.picked[:, None], attention_mask=mask, position_ids=self.position[:, None],
                                    past_key_values=self.cache, use_cache=True, decoding=True).logits[:, -1])
         joining = self.joining()
         if joining:  # each distinct context once: its longest kept prefix's cache, then the rest of its tokens
             distinct = list(dict.fromkeys(tuple(row.context) for row in joining))
             parts = [(layers, list(c[n:])) for c in distinct for n, layers in [self.kept.longest(list(c))]]
-            cache, mask, position, new_logits = prefill(self.run, parts, self.model.config, self.tokenizer, self.args.max_turn_tokens, self.device)
+            cache, mask, position, new_logits = prefill(self.model, parts, self.tokenizer, self.args.max_turn_tokens, self.device)
             of_row = torch.tensor([distinct.index(tuple(row.context)) for row in joining], device=self.device)
             cache.reorder_cache(of_row)
             if self.rows and self.cache.layers[0].can_add(len(joining), mask.shape[1]):  # below the running rows, in place
@@ -152,10 +158,6 @@ class TransformersSampler:
             self.rows += joining
             release_freed_memory()  # the replaced cache and the prefill's activations back to the OS (else the heap only grows)
         return torch.cat(logits)
-
-    def run(self, **inputs):
-        """The model's forward on `inputs`, its linear layers reading this sampler's bfloat16 weights where it has them."""
-        return torch.func.functional_call(self.model, self.weights, args=(), kwargs=inputs, tie_weights=False, strict=False)
 
     def joining(self) -> list[Row]:
         """The queued turns that join the batch now, in order: while the batch's KV cache at full length fits the
@@ -285,11 +287,10 @@ class SpareLayer(DynamicLayer):
         self.keys, self.values = self.key_room[:, :, :length], self.value_room[:, :, :length]
 
 
-def prefill(run, parts: list[tuple[Layers | None, list[int]]], config, tokenizer, spare: int, device: torch.device):
-    """One forward (`run`, of a model with this `config`) over rows given as (the KV cache of a row's first tokens or
-    None, its next tokens): each row is [padding | cached tokens | padding | next tokens], the cache holding the first
-    two parts, the forward the last two.
-    The cache has room for `spare` more tokens. Returns it, the attention mask [U, cache length], each row's last
+def prefill(model, parts: list[tuple[Layers | None, list[int]]], tokenizer, spare: int, device: torch.device):
+    """One forward of `model` over rows given as (the KV cache of a row's first tokens or None, its next tokens): each
+    row is [padding | cached tokens | padding | next tokens], the cache holding the first two parts, the forward the last
+    two. The cache has room for `spare` more tokens. Returns it, the attention mask [U, cache length], each row's last
     position [U] and last logits [U, V]."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cached = [layers[0][0].shape[1] if layers else 0 for layers, _ in parts]
@@ -302,12 +303,12 @@ def prefill(run, parts: list[tuple[Layers | None, list[int]]], config, tokenizer
         like = next(layers for layers, _ in parts if layers)[0][0]  # [heads, n, head dim]: shape and dtype of an empty row
         cache = Cache(layers=[SpareLayer.of_rows([(layers[i][0][None], layers[i][1][None]) if layers else (like[None, :, :0],) * 2
                                                   for layers, _ in parts], length, width + spare)
-                              for i in range(config.num_hidden_layers)])
+                              for i in range(model.config.num_hidden_layers)])
     else:
-        cache = Cache(layers=[SpareLayer(spare) for _ in range(config.num_hidden_layers)])
+        cache = Cache(layers=[SpareLayer(spare) for _ in range(model.config.num_hidden_layers)])
     last = torch.tensor([width - 1], device=device)  # an index, not a count: a one-row slice would take torch's slow matmul path
-    logits = run(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                 logits_to_keep=last, decoding=True).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=last, decoding=True).logits[:, -1]
     return cache, mask, positions[:, -1], logits
 
 
@@ -320,11 +321,38 @@ def merged(a: Cache, mask_a: torch.Tensor, b: Cache, mask_b: torch.Tensor, spare
     return cache, torch.cat([left_padded(mask_a, length, dim=1), left_padded(mask_b, length, dim=1)])
 
 
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask [B, L] (1: attended) as SDPA's additive mask for one query a row, [B, 1, 1, L] of 0 and -inf in
+    attention's dtype: transformers would build a boolean one at every forward and SDPA convert it in every layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
+
+
 def left_padded(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """`tensor` with zeros in front along `dim` up to `length`."""
     shape = list(tensor.shape)
     shape[dim] = length - shape[dim]
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def bfloat16_linears(model, device: torch.device) -> dict[torch.nn.Linear, Callable[[torch.Tensor], torch.Tensor]]:
+    """A forward for each linear layer of `model` on its bfloat16 weights cast once (autocast would cast them at every
+    forward): where oneDNN runs bfloat16 products (a CPU), on the weight laid out once in oneDNN's blocked format, as
+    torch's product lays it out at every call (the same products; some large prefill shapes round apart by one bfloat16
+    step); elsewhere autocast's linear."""
+    onednn = device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    forwards = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight.detach().to(torch.bfloat16)
+            bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
+            forwards[module] = (partial(onednn_linear, torch.ops.mkldnn._reorder_linear_weight(weight), bias) if onednn
+                                else partial(torch.nn.functional.linear, weight=weight, bias=bias))
+    return forwards
+
+
+def onednn_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias in bfloat16, `weight` in oneDNN's blocked layout (torch.ops.mkldnn._reorder_linear_weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
 
 
 def kv_bytes_per_token(config, dtype: str) -> int:

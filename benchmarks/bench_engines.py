@@ -8,7 +8,7 @@
    the rate that compares.
 2. A default step: train.py step 1 with --engine vllm and with --engine transformers (same seed, same questions),
    interleaved: its time and the split train.py records.
-The two ratio lines come last (goal: transformers / vLLM rollout tokens/s >= 0.5 on a CPU).
+The ratio lines come last (goal: transformers / vLLM rollout tokens/s >= 0.5 on a CPU); the rate inside step 1 too.
 """
 
 import argparse
@@ -100,8 +100,12 @@ def main() -> None:
               f"{sum(r['charts/generated_tokens'] for r, _ in results) / len(results):.0f} tokens, "
               f"peak RSS {max(rss for _, rss in results):.2f} GiB")
     step_ratio = sum(step_seconds(r) for r, _ in steps["transformers"]) / sum(step_seconds(r) for r, _ in steps["vllm"])
+    in_step = {name: sum(r["charts/generated_tokens"] for r, _ in results) / sum(r["time/rollout"] for r, _ in results)
+               for name, results in steps.items()}
 
     print(f"rollout tokens/s, transformers / vLLM: {speed['transformers'] / speed['vllm']:.2f}x (goal >= 0.5x)")
+    print(f"rollout tokens/s inside step 1 (fewer rows at once; each engine's own samples), transformers / vLLM: "
+          f"{in_step['transformers'] / in_step['vllm']:.2f}x")
     print(f"default step time, transformers / vLLM: {step_ratio:.2f}x")
 
 

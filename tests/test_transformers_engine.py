@@ -98,8 +98,8 @@ def test_a_linear_layers_forward_on_weights_cast_once_is_autocasts_linear(device
 
 def test_in_bfloat16_its_log_probs_are_the_trainers_to_rounding(model, tokenizer, env):
     """bfloat16 (its linear layers on weights cast once, on a CPU laid out once for oneDNN; an additive mask a
-    decoding step): the trainer's log-probs up to bfloat16's rounding of other product shapes (measured: mean gap
-    0.03, largest 0.23; with the padding left unmasked, mean 0.22, largest 19)."""
+    decoding step): the trainer's log-probs up to bfloat16's rounding of other product shapes (the bounds against
+    the gaps measured, and those of a mask that leaves the padding in: docs/notes.md)."""
     from engine import resolve_dtype
 
     if resolve_dtype("auto") != "bfloat16":

@@ -94,7 +94,8 @@ class TransformersSampler:
         self.budget = int(self.args.kv_cache_gb * 2**30)
         self.bytes_per_token = kv_bytes_per_token(self.model.config, self.args.dtype)
         self.kept = KeptPrefixes(self.budget)  # of this sampler's turns: one policy's KV
-        self.linears = bfloat16_linears(self.model, self.device) if self.args.dtype == "bfloat16" else {}  # their forwards in a wait
+        self.bfloat16 = self.args.dtype == "bfloat16"  # under the trainer's autocast, as its forwards
+        self.linears = bfloat16_linears(self.model, self.device) if self.bfloat16 else {}  # their forwards in a wait
         self.queued: list[Row] = []
         self.rows: list[Row] = []  # the running batch, in batch order
         self.cache = self.mask = self.position = self.picked = None  # its KV cache, [B, cache length], [B], [B]
@@ -114,7 +115,7 @@ class TransformersSampler:
         for module, forward in self.linears.items():
             module.forward = forward  # over the class's forward, until this wait returns
         try:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.dtype == "bfloat16"):
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
                 while self.rows or self.queued:
                     logits = self.forward()
                     ended = self.sample(logits)
@@ -133,7 +134,7 @@ class TransformersSampler:
         if self.rows:
             self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             self.position = self.position + 1
-            mask = additive(self.mask, torch.bfloat16 if self.args.dtype == "bfloat16" else self.model.dtype)  # [B, 1, 1, L]
+            mask = additive(self.mask, torch.bfloat16 if self.bfloat16 else self.model.dtype)  # [B, 1, 1, L]
             logits.append(self.model(input_ids=self.picked[:, None], attention_mask=mask, position_ids=self.position[:, None],
                                    past_key_values=self.cache, use_cache=True, decoding=True).logits[:, -1])
         joining = self.joining()
@@ -198,11 +199,12 @@ class TransformersSampler:
     def sample(self, logits: torch.Tensor) -> list[Row]:
         """One token for every row from its next-token logits [B, V]; the rows whose turn ended leave the batch (their
         KV cache kept for what continues them). Returns those."""
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+        logits = logits.float()  # [B, V]
+        log_probs = torch.log_softmax(logits, dim=-1)  # [B, V]
         if self.temperature == 0:
             picked = log_probs.argmax(-1)
         else:  # inverse transform sampling: each row's one uniform draw from its own generator, located in its CDF
-            cdf = torch.softmax(logits.float() / self.temperature, dim=-1).cumsum(-1)  # [B, V]
+            cdf = torch.softmax(logits / self.temperature, dim=-1).cumsum(-1)  # [B, V]
             uniform = torch.cat([torch.rand(1, generator=row.generator, device=self.device) for row in self.rows])  # [B]
             picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[1] - 1)
         self.picked, gone = picked, []

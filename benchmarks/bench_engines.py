@@ -2,10 +2,10 @@
 
     python -m benchmarks.bench_engines            (from the repository root; builds the warm start of --seed if not cached)
 
-1. Rollout speed: train.py's default trees for the same training questions, grown by each engine from the same
-   warm-started weights, the same seed and settings (each engine in a process of its own, the two interleaved over
-   --repeats): generated tokens per second. The engines sample different tokens, so the trees differ; tokens/s is
-   the rate that compares.
+1. Rollout speed: train.py's default trees for a default step's training questions (4; --questions), grown by each
+   engine from the same warm-started weights, the same seed and settings (each engine in a process of its own, the two
+   interleaved over --repeats): generated tokens per second. The engines sample different tokens, so the trees
+   differ; tokens/s is the rate that compares (vLLM gains more from more trees at once: try --questions 16).
 2. A default step: train.py step 1 with --engine vllm and with --engine transformers (same seed, same questions),
    interleaved: its time and the split train.py records.
 The ratio lines come last (goal: transformers / vLLM rollout tokens/s >= 0.5 on a CPU); the rate inside step 1 too.
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per engine")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--questions", type=int, default=16, help="questions for the rollout part")
+    parser.add_argument("--questions", type=int, default=4, help="questions for the rollout part (4: train.py's --prompts-per-step)")
     parser.add_argument("--child", nargs=2, metavar=("ENGINE", "POLICY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

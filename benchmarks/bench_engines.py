@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_engines            (from the repository root; builds the warm start of --seed if not cached)
 
-1. Rollout speed: train.py's default trees for a default step's training questions (4; --questions), grown by each
+1. Rollout speed: train.py's default trees for a default step's training questions (--questions), grown by each
    engine from the same warm-started weights, the same seed and settings (each engine in a process of its own, the two
    interleaved over --repeats): generated tokens per second. The engines sample different tokens, so the trees
    differ; tokens/s is the rate that compares (vLLM gains more from more trees at once: try --questions 16).
@@ -26,8 +26,7 @@ from benchmarks.bench_step import PARTS, run, step_seconds, train_step  # noqa: 
 
 def grow(engine_name: str, policy: str, questions: int) -> dict:
     """In this process: the default trees for `questions` training questions by one engine; tokens and seconds."""
-    import engine  # first: it sets the environment vLLM reads
-
+    import engine
     import torch
     from transformers import AutoTokenizer
 
@@ -55,10 +54,13 @@ def grow(engine_name: str, policy: str, questions: int) -> dict:
 
 
 def main() -> None:
+    import train  # before torch: train imports engine first, which sets the environment vLLM and MKL read
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per engine")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--questions", type=int, default=4, help="questions for the rollout part (4: train.py's --prompts-per-step)")
+    parser.add_argument("--questions", type=int, default=train.Args.prompts_per_step,
+                        help="questions for the rollout part (default: train.py's --prompts-per-step)")
     parser.add_argument("--child", nargs=2, metavar=("ENGINE", "POLICY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
